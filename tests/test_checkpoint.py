@@ -1,0 +1,101 @@
+import json
+import shutil
+
+import pytest
+import torch
+
+from captioner import Captioner
+from captioner.checkpoint import CheckpointError, atomic_directory, load_checkpoint
+
+
+def test_save_load_gives_identical_captions(tiny_captioner, tiny_checkpoint, scene_paths):
+    loaded = Captioner.from_pretrained(tiny_checkpoint, device="cpu")
+    for method, options in [("greedy", {}), ("beam", {"beam_size": 3}), ("sample", {"seed": 3, "num_samples": 2})]:
+        assert loaded.caption(scene_paths, method, **options) == tiny_captioner.caption(scene_paths, method, **options)
+    assert loaded.config["training"]["dataset"] == "four generated scenes"
+
+
+def test_directory_explains_itself(tiny_checkpoint):
+    assert sorted(p.name for p in tiny_checkpoint.iterdir()) == ["config.json", "model.safetensors", "vocab.json"]
+    config = json.loads((tiny_checkpoint / "config.json").read_text())
+    assert config["encoder"]["name"] == "efficientnet_lite0"
+    assert config["encoder"]["weights"] == "efficientnet-lite0-57934424"
+    assert config["decoder"]["hidden_dim"] == 64 and config["transform"]["size"] == 224
+
+
+def test_fp16_storage_is_half_the_size_and_still_captions(tiny_captioner, tmp_path, scene_paths):
+    full = tiny_captioner.save_pretrained(tmp_path / "fp32")
+    half = tiny_captioner.save_pretrained(tmp_path / "fp16", dtype=torch.float16)
+    assert (half / "model.safetensors").stat().st_size < 0.6 * (full / "model.safetensors").stat().st_size
+    assert Captioner.from_pretrained(half, device="cpu").caption(scene_paths) == tiny_captioner.caption(scene_paths)
+
+
+@pytest.fixture
+def copy(tiny_checkpoint, tmp_path):
+    target = tmp_path / "copy"
+    shutil.copytree(tiny_checkpoint, target)
+    return target
+
+
+def test_vocab_mismatch_names_both_sides(copy):
+    words = json.loads((copy / "vocab.json").read_text())
+    words["words"] += ["extra", "words"]
+    (copy / "vocab.json").write_text(json.dumps(words))
+    config = json.loads((copy / "config.json").read_text())
+    config["vocab_size"] += 2
+    (copy / "config.json").write_text(json.dumps(config))
+    n = len(words["words"])
+    with pytest.raises(CheckpointError, match=f"vocab.json has {n} words but the embedding in model.safetensors has {n - 2} rows"):
+        load_checkpoint(copy)
+
+
+def test_truncated_weights(copy):
+    data = (copy / "model.safetensors").read_bytes()
+    (copy / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors: unreadable or truncated"):
+        load_checkpoint(copy)
+
+
+def test_missing_vocab(copy):
+    (copy / "vocab.json").unlink()
+    with pytest.raises(CheckpointError, match="vocab.json: missing"):
+        load_checkpoint(copy)
+
+
+def test_config_from_another_architecture(copy):
+    config = json.loads((copy / "config.json").read_text())
+    config["decoder"]["hidden_dim"] = 128
+    (copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"has shape .* but the config builds"):
+        load_checkpoint(copy)
+    config["decoder"]["hidden_dim"], config["decoder"]["num_layers"] = 64, 2
+    (copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"decoder weights do not match its config: missing .*lstm\.weight_hh_l1"):
+        load_checkpoint(copy)
+
+
+def test_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="no such checkpoint directory"):
+        load_checkpoint(tmp_path / "nothing")
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(CheckpointError, match="not a captioner checkpoint"):
+        load_checkpoint(tmp_path)
+
+
+def test_a_failed_save_leaves_the_old_checkpoint(copy):
+    before = {p.name: p.read_bytes() for p in copy.iterdir()}
+
+    def crash(tmp):
+        (tmp / "config.json").write_text("half-written")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        atomic_directory(copy, crash)
+    assert {p.name: p.read_bytes() for p in copy.iterdir()} == before
+    assert [p.name for p in copy.parent.iterdir()] == ["copy"]  # no temporary left behind
+
+
+def test_interrupted_swap_falls_back_to_previous(copy, scene_paths, tiny_captioner):
+    previous = copy.with_name("copy.previous")
+    copy.rename(previous)  # what a kill between the two renames leaves
+    assert Captioner.from_pretrained(copy, device="cpu").caption(scene_paths) == tiny_captioner.caption(scene_paths)

@@ -1,0 +1,54 @@
+import pytest
+import torch
+
+from captioner.decoder import CaptionDecoder, DecoderConfig, caption_loss
+
+
+def batch():
+    captions = torch.tensor([[1, 5, 6, 7, 2], [1, 8, 2, 0, 0]])
+    return torch.randn(2, 16), captions, torch.tensor([5, 3])
+
+
+@pytest.mark.parametrize("feed", ["state", "input", "both"])
+@pytest.mark.parametrize("layers", [1, 2])
+def test_shapes_for_every_image_feed(feed, layers):
+    torch.manual_seed(0)
+    decoder = CaptionDecoder(DecoderConfig(16, 30, embed_dim=8, hidden_dim=12, num_layers=layers, image_feed=feed)).eval()
+    features, captions, lengths = batch()
+    logits = decoder(features, captions, lengths)
+    assert logits.shape == (2, 4, 30)
+    state = decoder.start(features)
+    assert state[0].shape == (layers, 2, 12)
+    step_logits, _ = decoder.step(torch.tensor([1, 1]), state)
+    # the first teacher-forced step and the first decoding step see the same thing
+    assert torch.allclose(step_logits, logits[:, 0], atol=1e-5)
+
+
+def test_the_image_changes_the_output():
+    decoder = CaptionDecoder(DecoderConfig(16, 30, embed_dim=8, hidden_dim=12, dropout=0.0)).eval()
+    features, captions, lengths = batch()
+    assert not torch.allclose(decoder(features, captions, lengths), decoder(features * 0, captions, lengths))
+
+
+def test_loss_is_masked_to_real_tokens():
+    torch.manual_seed(0)
+    decoder = CaptionDecoder(DecoderConfig(16, 30, embed_dim=8, hidden_dim=12, dropout=0.0)).eval()
+    features, captions, lengths = batch()
+    logits = decoder(features, captions, lengths)
+    manual = torch.nn.functional.cross_entropy(
+        torch.cat([logits[0, :4], logits[1, :2]]), torch.cat([captions[0, 1:5], captions[1, 1:3]]))
+    assert torch.allclose(caption_loss(logits, captions), manual)
+    # what sits beyond a caption's length changes nothing
+    noisy = captions.clone()
+    noisy[1, 3:] = 9
+    assert torch.allclose(caption_loss(decoder(features, noisy, lengths), captions), manual)
+
+
+def test_tied_weights_share_the_embedding():
+    decoder = CaptionDecoder(DecoderConfig(16, 30, embed_dim=8, hidden_dim=12, tie_weights=True))
+    assert decoder.classifier.weight is decoder.embed.weight
+
+
+def test_bad_config_is_refused():
+    with pytest.raises(ValueError, match="image_feed"):
+        DecoderConfig(16, 30, image_feed="sideways")
