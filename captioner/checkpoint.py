@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .decoder import CaptionDecoder, DecoderConfig
+from .decoder import CaptionDecoder, DecoderConfig, build_decoder
 from .encoders import Encoder, build_encoder
 from .images import ImageTransform
 from .vocab import Vocabulary
@@ -74,7 +74,7 @@ def save_checkpoint(directory: str | Path, *, encoder: Encoder, decoder: Caption
         raise CheckpointError(f"vocabulary has {len(vocab):,} words but the decoder has {decoder.config.vocab_size:,} outputs")
     tensors = {}
     for key, value in decoder.state_dict().items():
-        if decoder.config.tie_weights and key == "classifier.weight":
+        if decoder.config.tie_weights and key.endswith("classifier.weight"):
             continue  # the same tensor as embed.weight
         tensors[f"decoder.{key}"] = value.detach().to("cpu", dtype if value.is_floating_point() else value.dtype).contiguous()
     tuned = encoder.fine_tuned_blocks
@@ -145,7 +145,7 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu"):
         raise CheckpointError(f"{weights_path}: missing") from None
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{weights_path}: unreadable or truncated safetensors file ({err})") from err
-    embed = tensors.get("decoder.embed.weight")
+    embed = tensors.get("decoder.embed.weight", tensors.get("decoder.members.0.embed.weight"))
     if embed is not None and embed.shape[0] != len(vocab):
         raise CheckpointError(f"{VOCAB} has {len(vocab):,} words but the embedding in {WEIGHTS} has {embed.shape[0]:,} rows")
 
@@ -158,10 +158,11 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu"):
     if encoder.feature_dim != decoder_config.feature_dim:
         raise CheckpointError(f"encoder {enc['name']} gives {encoder.feature_dim}-d features but the decoder "
                               f"expects {decoder_config.feature_dim}")
-    decoder = CaptionDecoder(decoder_config)
+    decoder = build_decoder(decoder_config)
     decoder_state = {k[len("decoder."):]: v for k, v in tensors.items() if k.startswith("decoder.")}
-    if decoder_config.tie_weights and "embed.weight" in decoder_state:
-        decoder_state["classifier.weight"] = decoder_state["embed.weight"]
+    if decoder_config.tie_weights:
+        for key in [k for k in decoder_state if k.endswith("embed.weight")]:
+            decoder_state[key[: -len("embed.weight")] + "classifier.weight"] = decoder_state[key]
     _load_into(decoder, decoder_state, "decoder", weights_path)
     encoder_state = {k[len("encoder."):]: v for k, v in tensors.items() if k.startswith("encoder.")}
     if encoder_state:

@@ -5,10 +5,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
 EXIT_OK, EXIT_USAGE, EXIT_SOME_FAILED = 0, 1, 2
+
+
+class UsageError(ValueError):
+    pass
 
 
 def _add_decoding_options(p: argparse.ArgumentParser, default_method: str = "greedy") -> None:
@@ -41,17 +46,43 @@ def _load(args):
 
 
 def cmd_caption(args) -> int:
+    from .batch import ResultWriter, caption_files, collect_paths
+
+    paths = collect_paths(args.paths, args.recursive, args.glob, args.from_list)
+    if not paths:
+        raise UsageError("no images found in the given paths")
+    if args.resume and args.out in (None, "-"):
+        raise UsageError("--resume needs --out FILE to know what is already done")
     captioner = _load(args)
     options = _decoding_options(args)
-    failed = 0
-    for result in captioner.caption_paths(args.images, args.method, batch_size=args.batch_size,
-                                          workers=args.workers, seed=args.seed, **options):
-        if result.error:
-            failed += 1
-            print(f"error: {result.error}", file=sys.stderr)
-            continue
-        for caption in result.captions:
-            print(f"{result.source}\t{caption.text}")
+    errors = open(args.errors, "a", encoding="utf-8") if args.errors else None
+    progress = not args.quiet and (args.out not in (None, "-") or not sys.stdout.isatty())
+    try:
+        if args.out is None:  # plain "path<TAB>caption" lines
+            failed = 0
+            for result in captioner.caption_paths(paths, args.method, batch_size=args.batch_size,
+                                                  workers=args.workers, seed=args.seed, **options):
+                if result.error:
+                    failed += 1
+                    print(f"error: {result.error}", file=sys.stderr)
+                    if errors:
+                        errors.write(json.dumps({"image": result.source, "error": result.error}) + "\n")
+                    continue
+                for caption in result.captions:
+                    print(f"{result.source}\t{caption.text}", flush=True)
+        else:
+            writer = ResultWriter.open(args.out, {"method": args.method, "options": options}, resume=args.resume)
+            if writer.done:
+                print(f"resuming: {len(writer.done):,} image(s) already in {args.out}", file=sys.stderr)
+            try:
+                _, failed = caption_files(captioner, paths, writer, method=args.method, batch_size=args.batch_size,
+                                          workers=args.workers, seed=args.seed, errors_to=errors, progress=progress,
+                                          **options)
+            finally:
+                writer.close()
+    finally:
+        if errors:
+            errors.close()
     return EXIT_SOME_FAILED if failed else EXIT_OK
 
 
@@ -79,7 +110,8 @@ def cmd_train(args) -> int:
                  if getattr(args, f.name) is not None}
     config = TrainConfig.from_toml(args.recipe, **overrides) if args.recipe else TrainConfig(**overrides)
     best = train(config, resume=args.resume)
-    print(f"best checkpoint: {best}")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"best checkpoint: {best}")
     return EXIT_OK
 
 
@@ -109,12 +141,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="captioner", description="Image captioning: CNN encoder + LSTM decoder.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("caption", help="caption image files")
-    p.add_argument("images", nargs="+", help="image files")
+    p = sub.add_parser("caption", help="caption image files and folders",
+                       description="Exit status: 0 all images captioned, 2 some images failed (each reported "
+                                   "on stderr), 1 usage error.")
+    p.add_argument("paths", nargs="*", help="image files or folders")
+    p.add_argument("-r", "--recursive", action="store_true", help="descend into sub-folders")
+    p.add_argument("--glob", default=None, help='file pattern inside folders, e.g. "*.jpg" (default: image suffixes)')
+    p.add_argument("--from-list", default=None, metavar="FILE", help="read paths one a line from FILE, or - for stdin")
+    p.add_argument("--out", default=None, help="captions.jsonl, captions.csv, or - for JSONL on stdout "
+                                               "(default: 'path<TAB>caption' lines)")
+    p.add_argument("--resume", action="store_true", help="skip images already in --out; repair a torn last line")
+    p.add_argument("--errors", default=None, metavar="FILE", help="also append failures to this JSONL file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the built-in model)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=1, help="image-decoding processes")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed (image i uses seed + i)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (each file: seed + CRC32 of its path)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     _add_decoding_options(p)
     p.set_defaults(func=cmd_caption)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -18,16 +19,21 @@ class DecoderConfig:
     embed_dim: int = 512
     hidden_dim: int = 512
     num_layers: int = 1
-    dropout: float = 0.5
+    dropout: float = 0.5  # on word embeddings and LSTM outputs (and between LSTM layers)
+    feature_dropout: float = 0.0  # on the image features before W_ih
     # Where W_ih puts the image: the LSTM's initial (h, c) of every layer, its first input step, or both.
     image_feed: str = "state"
     tie_weights: bool = False
+    # Decoders trained side by side on the same features; decoding averages their word probabilities.
+    members: int = 1
 
     def __post_init__(self):
         if self.image_feed not in IMAGE_FEEDS:
             raise ValueError(f"image_feed must be one of {IMAGE_FEEDS}, not {self.image_feed!r}")
         if self.num_layers < 1:
             raise ValueError("num_layers must be at least 1")
+        if self.members < 1:
+            raise ValueError("members must be at least 1")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -45,6 +51,7 @@ class CaptionDecoder(nn.Module):
         self.lstm = nn.LSTM(c.embed_dim, c.hidden_dim, c.num_layers, batch_first=True,
                             dropout=c.dropout if c.num_layers > 1 else 0.0)
         self.dropout = nn.Dropout(c.dropout)
+        self.feature_dropout = nn.Dropout(c.feature_dropout)
         # Tying needs the output to live in embedding space; project down when the sizes differ.
         self.out_proj = nn.Linear(c.hidden_dim, c.embed_dim) if c.tie_weights and c.hidden_dim != c.embed_dim else None
         self.classifier = nn.Linear(c.embed_dim if c.tie_weights else c.hidden_dim, c.vocab_size)
@@ -54,7 +61,7 @@ class CaptionDecoder(nn.Module):
     def _project(self, features: torch.Tensor):
         """-> (h0, c0) each layers x B x H, and the image input step (B x 1 x E) or None."""
         c = self.config
-        projected = self.w_ih(self.dropout(features))
+        projected = self.w_ih(self.feature_dropout(features))
         batch = features.size(0)
         if self.feeds_state:
             state = projected[:, : 2 * c.num_layers * c.hidden_dim].view(batch, 2, c.num_layers, c.hidden_dim)
@@ -74,7 +81,7 @@ class CaptionDecoder(nn.Module):
         """Teacher forcing. `captions` is B x T (<start> ... <end>, 0-padded), `lengths` counts both
         specials. Returns B x (T-1) x V logits aligned with `captions[:, 1:]`; padded steps are 0."""
         state, image_step = self._project(features)
-        inputs = self.embed(captions[:, :-1])
+        inputs = self.dropout(self.embed(captions[:, :-1]))
         steps = lengths.cpu() - 1
         if image_step is not None:
             inputs = torch.cat([image_step, inputs], dim=1)
@@ -84,7 +91,11 @@ class CaptionDecoder(nn.Module):
         out, _ = pad_packed_sequence(out, batch_first=True, total_length=inputs.size(1))
         if image_step is not None:
             out = out[:, 1:]
-        return self._logits(out)
+        # The vocabulary projection is the costliest layer: run it on real tokens only.
+        real = torch.arange(out.size(1), device=out.device) < (lengths.to(out.device) - 1)[:, None]
+        logits = out.new_zeros(*out.shape[:2], self.config.vocab_size)
+        logits[real] = self._logits(out[real]).to(logits.dtype)
+        return logits
 
     def start(self, features: torch.Tensor):
         """The LSTM state after seeing the image, ready for the <start> token."""
@@ -99,8 +110,35 @@ class CaptionDecoder(nn.Module):
         return self._logits(out[:, 0]), state
 
 
+class DecoderEnsemble(nn.Module):
+    """`members` decoders of one config. Training sums their losses on the same batches; decoding
+    averages their word distributions, so it decodes exactly like one `CaptionDecoder`."""
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        self.config = config
+        self.members = nn.ModuleList(CaptionDecoder(config) for _ in range(config.members))
+
+    def forward(self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """-> members x B x (T-1) x V logits."""
+        return torch.stack([m(features, captions, lengths) for m in self.members])
+
+    def start(self, features: torch.Tensor):
+        return tuple(m.start(features) for m in self.members)
+
+    def step(self, tokens: torch.Tensor, state):
+        outputs = [m.step(tokens, s) for m, s in zip(self.members, state)]
+        log_probs = torch.stack([nn.functional.log_softmax(logits.float(), -1) for logits, _ in outputs])
+        return log_probs.logsumexp(0) - math.log(len(self.members)), tuple(s for _, s in outputs)
+
+
+def build_decoder(config: DecoderConfig) -> CaptionDecoder | DecoderEnsemble:
+    return CaptionDecoder(config) if config.members == 1 else DecoderEnsemble(config)
+
+
 def caption_loss(logits: torch.Tensor, captions: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Cross-entropy over real tokens only (padding masked), averaged over those tokens."""
-    targets = captions[:, 1:]
+    """Cross-entropy over real tokens only (padding masked), averaged over those tokens (and over
+    ensemble members when `logits` has their leading dimension)."""
+    targets = captions[:, 1:].expand(logits.shape[:-1])
     return nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
                                        ignore_index=0, label_smoothing=label_smoothing)

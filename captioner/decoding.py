@@ -34,6 +34,11 @@ class Caption:
         return float(torch.tensor(-self.logprob / max(1, len(self.token_logprobs))).exp())
 
 
+def map_state(fn, state):
+    """Applies `fn` to every tensor of a decoder state: (h, c), or nested tuples of them for an ensemble."""
+    return fn(state) if isinstance(state, torch.Tensor) else tuple(map_state(fn, s) for s in state)
+
+
 def _log_probs(decoder: CaptionDecoder, tokens: torch.Tensor, state, step: int):
     logits, state = decoder.step(tokens, state)
     logp = F.log_softmax(logits.float(), dim=-1)
@@ -152,7 +157,7 @@ def beam_search(decoder: CaptionDecoder, features: torch.Tensor, beam_size: int 
     beam_size=1 this is exactly greedy decoding."""
     b, k, device = features.size(0), beam_size, features.device
     vocab = decoder.config.vocab_size
-    state = tuple(s.repeat_interleave(k, dim=1) for s in decoder.start(features))
+    state = map_state(lambda s: s.repeat_interleave(k, dim=1), decoder.start(features))
     scores = torch.full((b, k), float("-inf"), device=device)
     scores[:, 0] = 0.0
     tokens = torch.zeros(b, k, 0, dtype=torch.long, device=device)
@@ -174,7 +179,7 @@ def beam_search(decoder: CaptionDecoder, features: torch.Tensor, beam_size: int 
         token_lps = torch.cat([token_lps.gather(1, source[..., None].expand(-1, -1, t)), picked_lp[..., None]], dim=2)
         ended = ended.gather(1, source) | (new_tokens == END)
         flat_source = (source + torch.arange(b, device=device)[:, None] * k).view(-1)
-        state = tuple(s.index_select(1, flat_source) for s in state)
+        state = map_state(lambda s: s.index_select(1, flat_source), state)
         last = new_tokens.view(-1)
         if bool(ended.all()):
             break

@@ -11,7 +11,7 @@ from typing import Union
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
 
@@ -97,6 +97,9 @@ def load_image(src: ImageInput, *, draft_size: int | None = None, max_pixels: in
         except Image.DecompressionBombError as err:
             stream.close()
             raise ImageError(f"{name}: refused, too many pixels ({err})") from err
+        except UnidentifiedImageError as err:
+            stream.close()
+            raise ImageError(f"{name}: not a readable image (unknown or corrupt format)") from err
         except Exception as err:  # Pillow raises several types for "not an image"
             stream.close()
             raise ImageError(f"{name}: not a readable image ({type(err).__name__}: {err})") from err

@@ -9,9 +9,13 @@ from typing import Mapping, Sequence
 
 from .vocab import tokenize
 
-# A caption whose last word is one of these was cut mid-phrase ("a man in a red").
+# A caption that ends on one of these was cut mid-phrase: "a dog runs into the", "a man in a red".
 DANGLING = {"a", "an", "the", "of", "with", "in", "on", "and", "at", "to", "for", "into", "his", "her", "their",
-            "its", "is", "are", "while", "through", "from", "by", "as", "near", "under", "over", "behind", "two"}
+            "its", "is", "are", "while", "through", "from", "by", "as", "near", "under", "over", "behind", "two",
+            "three", "several", "some", "other", "another", "wearing", "holding",
+            # adjectives that caption datasets use before a noun, never to end a sentence
+            "red", "blue", "green", "yellow", "black", "white", "brown", "pink", "orange", "purple", "gray", "grey",
+            "large", "small", "big", "little", "young", "old", "tall", "wooden", "striped", "colorful", "dark"}
 
 
 def java_available() -> bool:

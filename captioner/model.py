@@ -4,6 +4,7 @@ together. The UI, the CLI and the tests all go through it."""
 from __future__ import annotations
 
 import random
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -106,9 +107,8 @@ class Captioner:
                                 caption.score)
 
     @staticmethod
-    def _seeds(seed: int | None, start: int, count: int) -> list[int]:
-        base = random.SystemRandom().randrange(2**31) if seed is None else seed
-        return [base + start + i for i in range(count)]
+    def _base_seed(seed: int | None) -> int:
+        return random.SystemRandom().randrange(2**31) if seed is None else seed
 
     def generate(self, images: ImageInput | Sequence[ImageInput], method: str = "greedy", *, seed: int | None = None,
                  batch_size: int = 32, **options) -> list[ImageResult]:
@@ -116,7 +116,7 @@ class Captioner:
         the rest still caption. Sampling: image i of the call uses seed `seed + i`."""
         items = [images] if _is_single(images) else list(images)
         results = [ImageResult(describe(x)) for x in items]
-        base_seed = self._seeds(seed, 0, 1)[0] if method == "sample" else 0
+        base_seed = self._base_seed(seed) if method == "sample" else 0
         for start in range(0, len(items), batch_size):
             chunk = list(range(start, min(start + batch_size, len(items))))
             pixels, good = [], []
@@ -127,11 +127,12 @@ class Captioner:
                 except ImageError as err:
                     results[i].error = str(err)
             if good:
-                self._caption_batch(torch.stack(pixels), good, results, method, base_seed, options)
+                self._caption_batch(torch.stack(pixels), good, results, method, [base_seed + i for i in good],
+                                    options)
         return results
 
-    def _caption_batch(self, pixels, indices, results, method, base_seed, options) -> None:
-        per_image = self.decode(self.encode(pixels), method, seeds=[base_seed + i for i in indices], **options)
+    def _caption_batch(self, pixels, indices, results, method, seeds, options) -> None:
+        per_image = self.decode(self.encode(pixels), method, seeds=seeds, **options)
         for i, captions in zip(indices, per_image):
             results[i].captions = captions
 
@@ -149,13 +150,14 @@ class Captioner:
         return out[0] if single else out
 
     def caption_paths(self, paths: Iterable[str | Path], method: str = "greedy", *, batch_size: int = 32,
-                      workers: int = 1, seed: int | None = None, start_index: int = 0,
-                      max_pixels: int = MAX_IMAGE_PIXELS, **options) -> Iterator[ImageResult]:
+                      workers: int = 1, seed: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS,
+                      **options) -> Iterator[ImageResult]:
         """Captions files in order, decoding them in `workers` DataLoader processes while this one
         runs the model. Yields one `ImageResult` per path, errors included, batch by batch.
-        Sampling seeds are `seed + start_index + position`, so a resumed run samples as a whole one would."""
+        Sampling seeds each file with `seed + CRC32(path)`: the same file samples the same captions
+        whatever the batch size, the order, or a resumed run."""
         paths = [str(p) for p in paths]
-        base_seed = self._seeds(seed, 0, 1)[0] + start_index if method == "sample" else 0
+        base_seed = self._base_seed(seed) if method == "sample" else 0
         batches = image_batches(paths, self.transform, batch_size, workers, pin_memory=self.device.type == "cuda",
                                 max_pixels=max_pixels)
         offset = 0
@@ -165,7 +167,8 @@ class Captioner:
             for i, message in errors.items():
                 results[i].error = message
             if good:
-                self._caption_batch(pixels[0], good, results, method, base_seed, options)
+                seeds = [(base_seed + zlib.crc32(paths[i].encode())) % 2**63 for i in good]
+                self._caption_batch(pixels[0], good, results, method, seeds, options)
             offset += count
             yield from (results[i] for i in sorted(results))
 

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, resolve_directory, save_checkpoint
 from .datasets import CaptionDataset, load_dataset
-from .decoder import CaptionDecoder, DecoderConfig, caption_loss
+from .decoder import CaptionDecoder, DecoderConfig, build_decoder, caption_loss
 from .encoders import build_encoder
 from .features import cached_features
 from .vocab import END, Vocabulary
@@ -62,8 +62,10 @@ class TrainConfig:
     hidden_dim: int = 512
     num_layers: int = 1
     dropout: float = 0.5
+    feature_dropout: float = 0.0
     image_feed: str = "state"
     tie_weights: bool = False
+    members: int = 1  # an ensemble of decoders trained side by side
     # optimisation
     epochs: int = 20
     batch_size: int = 64
@@ -101,7 +103,7 @@ class TrainConfig:
 
     def decoder_config(self, feature_dim: int, vocab_size: int) -> DecoderConfig:
         return DecoderConfig(feature_dim, vocab_size, self.embed_dim, self.hidden_dim, self.num_layers, self.dropout,
-                             self.image_feed, self.tie_weights)
+                             self.feature_dropout, self.image_feed, self.tie_weights, self.members)
 
 
 # -- distributed helpers: a no-op unless started by torchrun ------------------------------------
@@ -167,7 +169,10 @@ def mix_predictions(decoder, features, captions, lengths, probability: float, ge
     position, then each input word is swapped for the model's prediction of it with `probability`.
     Returns new decoder inputs; the targets stay the true caption."""
     with torch.no_grad():
-        predicted = decoder(features, captions, lengths).argmax(-1)  # predicted[:, j] guesses captions[:, j + 1]
+        logits = decoder(features, captions, lengths)
+        if logits.dim() == 4:  # an ensemble: its members' mean distribution
+            logits = logits.log_softmax(-1).logsumexp(0)
+        predicted = logits.argmax(-1)  # predicted[:, j] guesses captions[:, j + 1]
     words = (captions[:, 1:-1] != 0) & (captions[:, 1:-1] != END)
     swap = (torch.rand(words.shape, generator=generator) < probability).to(words.device) & words
     mixed = captions.clone()
@@ -296,8 +301,6 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     """Trains and returns the `best/` checkpoint directory."""
     rank, world = _world()
     device = _setup_device(config)
-    torch.manual_seed(config.seed)
-    random.seed(config.seed)
     out = Path(config.output)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -305,7 +308,10 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     dataset, encoder, vocab, (train_records, train_features), (val_records, val_features) = prepare(config, device)
 
     owners, captions = encode_captions(train_records, vocab, config.max_caption_length)
-    decoder = CaptionDecoder(config.decoder_config(encoder.feature_dim, len(vocab))).to(device)
+    # Seeded here, after feature extraction, which draws from the RNG only on a cache miss.
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    decoder = build_decoder(config.decoder_config(encoder.feature_dim, len(vocab))).to(device)
     model = torch.nn.parallel.DistributedDataParallel(decoder) if world > 1 else decoder
     decay = [p for n, p in decoder.named_parameters() if p.dim() > 1]
     no_decay = [p for n, p in decoder.named_parameters() if p.dim() <= 1]
@@ -316,6 +322,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     progress = {"epoch": 0, "step": 0, "best_cider": -1.0, "best_epoch": 0, "bad_epochs": 0, "plateau_scale": 1.0}
 
     last_dir, best_dir = out / "last", out / "best"
+    metrics_path = out / "metrics.jsonl"
     if resume:
         source = resolve_directory(last_dir)
         _, saved_decoder, saved_vocab, _, _ = load_checkpoint(source, device)
@@ -325,10 +332,15 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
         decoder.load_state_dict(saved_decoder.state_dict())
         progress.update({k: v for k, v in _restore_state(source, optimizer).items() if k in progress})
         _log(f"resumed from {source} after epoch {progress['epoch']}")
+        if rank == 0 and metrics_path.is_file():  # drop lines of epochs that will run again
+            lines = metrics_path.read_text(encoding="utf-8").splitlines()
+            kept = [line for line in lines if line.strip() and json.loads(line)["epoch"] <= progress["epoch"]]
+            metrics_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    elif rank == 0:
+        metrics_path.unlink(missing_ok=True)  # a fresh run starts a fresh log
     use_amp = device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-    metrics_path = out / "metrics.jsonl"
     views = train_features.size(0)
     started = time.time()
 
@@ -376,6 +388,13 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
                 progress["bad_epochs"] += 1
                 if config.schedule == "plateau":
                     progress["plateau_scale"] *= 0.5
+            summary = training_summary(config, dataset, progress, time.time() - started)
+            if improved:
+                save_checkpoint(best_dir, encoder=encoder, decoder=decoder, vocab=vocab,
+                                transform=encoder.transform, training=summary)
+            save_checkpoint(last_dir, encoder=encoder, decoder=decoder, vocab=vocab, transform=encoder.transform,
+                            training=summary, extra=_state_writer(optimizer, progress))
+            # Logged after the save: a line in metrics.jsonl means last/ holds that epoch.
             record = {"epoch": epoch, "step": progress["step"], "train_loss": total_loss / max(1, seen), "lr": lr,
                       "val_BLEU-4": val["BLEU-4"], "val_CIDEr": val["CIDEr"],
                       "val_distinct_words": val["distinct_words"], "val_cut_mid_phrase": val["cut_mid_phrase"],
@@ -386,12 +405,6 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
             _log(f"epoch {epoch}: loss {record['train_loss']:.3f}  val BLEU-4 {val['BLEU-4']:.2f}  "
                  f"CIDEr {val['CIDEr']:.2f}  words {val['distinct_words']}  e.g. {val['examples'][0]!r}"
                  + ("  (best)" if improved else ""))
-            summary = training_summary(config, dataset, progress, time.time() - started)
-            if improved:
-                save_checkpoint(best_dir, encoder=encoder, decoder=decoder, vocab=vocab,
-                                transform=encoder.transform, training=summary)
-            save_checkpoint(last_dir, encoder=encoder, decoder=decoder, vocab=vocab, transform=encoder.transform,
-                            training=summary, extra=_state_writer(optimizer, progress))
             stop[0] = float(progress["bad_epochs"] >= config.patience)
         if dist.is_initialized():
             dist.broadcast(stop, 0)
@@ -399,9 +412,27 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
             _log(f"early stop: no better validation CIDEr for {config.patience} epochs "
                  f"(best {progress['best_cider']:.2f} at epoch {progress['best_epoch']})")
             break
+    if rank == 0 and dataset.split("test"):
+        report_test(config, best_dir, out / "test")
     if dist.is_initialized():
         dist.barrier()
     return best_dir
+
+
+def report_test(config: TrainConfig, best_dir: Path, out_dir: Path) -> dict:
+    """Scores the best checkpoint on the test split, once, at the end, and records it in its config."""
+    from .evaluation import evaluate, format_report
+    from .model import Captioner
+
+    captioner = Captioner.from_pretrained(best_dir)
+    report = evaluate(captioner, config.dataset, "test", images=config.images or None, format=config.format or None,
+                      method="beam", out_dir=out_dir, workers=config.workers, beam_size=config.eval_beam_size,
+                      length_penalty=config.length_penalty, max_length=config.max_length)
+    _log(format_report(report))
+    training = dict(captioner.config.get("training", {}))
+    training["test"] = {k: report[k] for k in ("split", "method", "options", "scores", "stats")}
+    captioner.save_pretrained(best_dir, training=training)
+    return report
 
 
 def training_summary(config: TrainConfig, dataset: CaptionDataset, progress: dict, seconds: float) -> dict:

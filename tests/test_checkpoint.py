@@ -99,3 +99,23 @@ def test_interrupted_swap_falls_back_to_previous(copy, scene_paths, tiny_caption
     previous = copy.with_name("copy.previous")
     copy.rename(previous)  # what a kill between the two renames leaves
     assert Captioner.from_pretrained(copy, device="cpu").caption(scene_paths) == tiny_captioner.caption(scene_paths)
+
+
+def test_an_ensemble_round_trips(tiny_captioner, tmp_path, scene_paths, scene_features):
+    from captioner.decoder import DecoderConfig, build_decoder
+
+    from conftest import SCENES, overfit_decoder
+
+    vocab = tiny_captioner.vocab
+    config = dict(tiny_captioner.decoder.config.to_dict(), members=2, tie_weights=True, embed_dim=64)
+    ensemble = build_decoder(DecoderConfig(**config)).eval()
+    for seed, member in enumerate(ensemble.members):
+        trained = overfit_decoder(scene_features, [c for _, c, _ in SCENES], vocab, seed=seed, embed_dim=64,
+                                  tie_weights=True)
+        member.load_state_dict(trained.state_dict())
+    captioner = Captioner(tiny_captioner.encoder, ensemble, vocab, tiny_captioner.transform, device="cpu")
+    saved = captioner.save_pretrained(tmp_path / "ensemble")
+    loaded = Captioner.from_pretrained(saved, device="cpu")
+    assert loaded.decoder.config.members == 2
+    assert loaded.caption(scene_paths, "beam", beam_size=2) == captioner.caption(scene_paths, "beam", beam_size=2)
+    assert loaded.caption(scene_paths) == tiny_captioner.caption(scene_paths)

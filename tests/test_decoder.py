@@ -52,3 +52,37 @@ def test_tied_weights_share_the_embedding():
 def test_bad_config_is_refused():
     with pytest.raises(ValueError, match="image_feed"):
         DecoderConfig(16, 30, image_feed="sideways")
+
+
+def test_an_ensemble_of_identical_members_decodes_like_one_decoder():
+    from captioner.decoder import DecoderEnsemble, build_decoder
+    from captioner.decoding import beam_search, greedy
+
+    torch.manual_seed(0)
+    single = CaptionDecoder(DecoderConfig(16, 30, embed_dim=8, hidden_dim=12)).eval()
+    pair = build_decoder(DecoderConfig(16, 30, embed_dim=8, hidden_dim=12, members=2)).eval()
+    assert isinstance(pair, DecoderEnsemble)
+    for member in pair.members:
+        member.load_state_dict(single.state_dict())
+    features = torch.randn(3, 16)
+    for a, b in zip(greedy(single, features, max_length=8), greedy(pair, features, max_length=8)):
+        assert a[0].tokens == b[0].tokens and abs(a[0].logprob - b[0].logprob) < 1e-4
+    for a, b in zip(beam_search(single, features, beam_size=3, max_length=8),
+                    beam_search(pair, features, beam_size=3, max_length=8)):
+        assert [c.tokens for c in a] == [c.tokens for c in b]
+    _, captions, lengths = batch()
+    stacked = pair(features[:2], captions, lengths)
+    assert stacked.shape == (2, 2, 4, 30)
+    assert torch.allclose(caption_loss(stacked, captions), caption_loss(stacked[0], captions))
+
+
+def test_ensemble_members_differ_and_average_their_distributions():
+    from captioner.decoder import build_decoder
+
+    torch.manual_seed(0)
+    pair = build_decoder(DecoderConfig(16, 30, embed_dim=8, hidden_dim=12, members=2)).eval()
+    features, tokens = torch.randn(2, 16), torch.tensor([1, 1])
+    log_probs, _ = pair.step(tokens, pair.start(features))
+    each = [torch.log_softmax(m.step(tokens, m.start(features))[0], -1) for m in pair.members]
+    assert not torch.allclose(each[0], each[1])
+    assert torch.allclose(log_probs.exp(), (each[0].exp() + each[1].exp()) / 2, atol=1e-6)

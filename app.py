@@ -1,0 +1,155 @@
+"""The web UI: upload an image, pick argmax, sampling or beam search, get captions.
+
+    python app.py [--checkpoint DIR] [--host 127.0.0.1] [--port 7860] [--share]
+
+Runs offline on the built-in model by default. Named API endpoints (`/caption`, `/caption_batch`)
+serve `gradio_client` too; see the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no request leaves the machine
+
+import gradio as gr
+
+from captioner import Captioner
+
+METHODS = {"Argmax (greedy)": "greedy", "Sample": "sample", "Beam search": "beam"}
+MAX_UPLOAD = "25mb"
+EXAMPLES_DIR = Path(gr.__file__).parent / "media_assets" / "images"  # photos the gradio package ships
+EXAMPLES = [EXAMPLES_DIR / name for name in ("cheetah1.jpg", "lion.jpg", "bus.png", "tower.jpg")]
+
+
+def decoding_options(method: str, temperature, top_k, top_p, num_samples, seed, beam_size, length_penalty,
+                     max_length) -> tuple[str, dict]:
+    if method not in METHODS:
+        raise gr.Error(f"Unknown decoding method {method!r}; choose one of {', '.join(METHODS)}.")
+    name = METHODS[method]
+    options = {"max_length": int(max_length)}
+    if name == "sample":
+        options.update(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+                       num_samples=int(num_samples), seed=int(seed))
+    elif name == "beam":
+        options.update(beam_size=int(beam_size), length_penalty=float(length_penalty))
+    return name, options
+
+
+def model_card(config: dict) -> str:
+    encoder, decoder, training = config.get("encoder", {}), config.get("decoder", {}), config.get("training", {})
+    lines = [
+        "### Loaded model",
+        f"- **Encoder:** `{encoder.get('name')}` with weights `{encoder.get('weights')}` "
+        f"({encoder.get('feature_dim')}-d features, fine-tuned blocks: {encoder.get('fine_tuned_blocks', 0)})",
+        f"- **Decoder:** LSTM, {decoder.get('num_layers')} layer(s), hidden {decoder.get('hidden_dim')}, "
+        f"embedding {decoder.get('embed_dim')}, image fed into the {decoder.get('image_feed')}",
+        f"- **Vocabulary:** {config.get('vocab_size', 0):,} words",
+        f"- **Image transform:** `{json.dumps(config.get('transform'))}`",
+    ]
+    if training:
+        lines.append(f"- **Trained on:** {training.get('dataset', 'unknown')} "
+                     f"({training.get('train_images', '?')} training images, best epoch {training.get('best_epoch', '?')})")
+        test = training.get("test")
+        if test:
+            scores = ", ".join(f"{k} {v:.1f}" for k, v in test.get("scores", {}).items() if isinstance(v, float))
+            lines.append(f"- **Test scores** ({test.get('method')}, {test.get('options')}): {scores}")
+    return "\n".join(lines)
+
+
+def build_app(captioner: Captioner) -> gr.Blocks:
+    def caption(image, method, temperature, top_k, top_p, num_samples, seed, beam_size, length_penalty, max_length):
+        if image is None:
+            raise gr.Error("Upload an image first.")
+        name, options = decoding_options(method, temperature, top_k, top_p, num_samples, seed, beam_size,
+                                         length_penalty, max_length)
+        [result] = captioner.generate([image], name, **options)
+        if result.error:
+            raise gr.Error(f"Cannot caption this upload: {result.error.replace(str(image), Path(image).name)}")
+        rows = [[rank, c.text, round(c.logprob, 3), round(c.perplexity, 2)]
+                for rank, c in enumerate(result.captions, 1)]
+        return result.captions[0].text, rows
+
+    def caption_batch(files, method, beam_size):
+        if not files:
+            raise gr.Error("Add one or more image files first.")
+        name, options = decoding_options(method, 1.0, 0, 1.0, 1, 0, beam_size, 0.0, 20)
+        paths = [f if isinstance(f, str) else f.name for f in files]
+        rows = []
+        for path, result in zip(paths, captioner.generate(paths, name, seed=0, **options)):
+            error = result.error.replace(path, Path(path).name) if result.error else ""
+            rows.append([Path(path).name, result.text or "", error])
+        out = Path(tempfile.mkdtemp(prefix="captions-")) / "captions.csv"
+        with out.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["file", "caption", "error"])
+            writer.writerows(rows)
+        return rows, str(out)
+
+    def show_controls(method):
+        return gr.update(visible=method == "Sample"), gr.update(visible=method == "Beam search")
+
+    with gr.Blocks(title="captioner") as demo:
+        gr.Markdown("# captioner\nA CNN encoder feeds an LSTM decoder through W_ih. Upload a photo and caption it.")
+        with gr.Tab("Caption"):
+            with gr.Row():
+                with gr.Column():
+                    image = gr.Image(type="filepath", sources=["upload", "clipboard", "webcam"], label="Image",
+                                     elem_id="image-input")
+                    method = gr.Radio(list(METHODS), value="Argmax (greedy)", label="Decoding", elem_id="method")
+                    with gr.Group(visible=False) as sample_controls:
+                        temperature = gr.Slider(0.1, 2.0, value=1.0, step=0.05, label="Temperature")
+                        top_k = gr.Slider(0, 100, value=0, step=1, label="Top-k (0: off)")
+                        top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
+                        num_samples = gr.Slider(1, 5, value=3, step=1, label="Number of samples")
+                        seed = gr.Number(value=0, precision=0, label="Seed")
+                    with gr.Group(visible=False) as beam_controls:
+                        beam_size = gr.Slider(1, 10, value=3, step=1, label="Beam size")
+                        length_penalty = gr.Slider(-1.0, 2.0, value=0.0, step=0.1, label="Length penalty α")
+                    max_length = gr.Slider(5, 40, value=20, step=1, label="Max length (tokens)")
+                    button = gr.Button("Caption", variant="primary", elem_id="caption-button")
+                with gr.Column():
+                    best = gr.Textbox(label="Caption", elem_id="caption-output", interactive=False)
+                    table = gr.Dataframe(headers=["rank", "caption", "log-prob", "perplexity"],
+                                         label="All captions (beams ranked, or each sample)", interactive=False,
+                                         elem_id="caption-table")
+            gr.Examples([[str(p)] for p in EXAMPLES if p.is_file()], inputs=[image], label="Examples")
+            method.change(show_controls, method, [sample_controls, beam_controls], api_name=False)
+            button.click(caption, [image, method, temperature, top_k, top_p, num_samples, seed, beam_size,
+                                   length_penalty, max_length], [best, table], api_name="caption")
+        with gr.Tab("Batch"):
+            files = gr.File(file_count="multiple", label="Images", elem_id="batch-files")
+            with gr.Row():
+                batch_method = gr.Radio(["Argmax (greedy)", "Beam search"], value="Argmax (greedy)", label="Decoding")
+                batch_beam = gr.Slider(1, 10, value=3, step=1, label="Beam size")
+            run = gr.Button("Caption all", variant="primary")
+            batch_table = gr.Dataframe(headers=["file", "caption", "error"], interactive=False)
+            batch_csv = gr.File(label="CSV")
+            run.click(caption_batch, [files, batch_method, batch_beam], [batch_table, batch_csv],
+                      api_name="caption_batch")
+        with gr.Tab("Model"):
+            gr.Markdown(model_card(captioner.config))
+    # Captioning is CPU-bound: one request at a time per worker keeps latency predictable.
+    demo.queue(default_concurrency_limit=2, max_size=64)
+    return demo
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the built-in model)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
+    args = parser.parse_args(argv)
+    captioner = Captioner.from_pretrained(args.checkpoint)  # loaded once, shared by every request
+    build_app(captioner).launch(server_name=args.host, server_port=args.port, share=args.share,
+                                max_file_size=MAX_UPLOAD, show_error=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Batch captioning of files: finding them, writing results as they come, resuming after a kill.
+
+`captioner caption` is a thin shell over `caption_files`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Iterable
+
+from tqdm.auto import tqdm
+
+from .model import Captioner, ImageResult
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def collect_paths(inputs: Iterable[str], recursive: bool = False, glob: str | None = None,
+                  from_list: str | None = None) -> list[str]:
+    """Files as given, image files inside folders (matching `glob` when set), and paths listed one a
+    line in `from_list` ("-" for stdin); in order, without duplicates."""
+    found: list[str] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            pattern = glob or "*"
+            matches = path.rglob(pattern) if recursive else path.glob(pattern)
+            files = sorted(p for p in matches if p.is_file() and (glob or p.suffix.lower() in IMAGE_SUFFIXES))
+            found += [str(p) for p in files]
+        else:
+            found.append(item)  # a missing file is reported as that file's error, not a usage error
+    if from_list:
+        text = sys.stdin.read() if from_list == "-" else Path(from_list).read_text(encoding="utf-8")
+        found += [line.strip() for line in text.splitlines() if line.strip()]
+    return list(dict.fromkeys(found))
+
+
+@dataclass
+class ResultWriter:
+    """Writes one record per image as JSONL or CSV, flushed as it goes, so a kill loses at most the
+    records not yet written. `done` holds the images an earlier run already wrote (`resume`)."""
+
+    target: str  # a file path, or "-" for stdout
+    settings: dict
+    format: str = "jsonl"
+    done: set[str] = field(default_factory=set)
+    stream: IO[str] | None = None
+    csv_writer: object = None
+
+    CSV_FIELDS = ("image", "caption", "logprob", "method", "settings")
+
+    @classmethod
+    def open(cls, target: str, settings: dict, resume: bool = False) -> "ResultWriter":
+        fmt = "csv" if target.lower().endswith(".csv") else "jsonl"
+        writer = cls(target, settings, fmt)
+        if target == "-":
+            writer.stream = sys.stdout
+        else:
+            path = Path(target)
+            if resume and path.is_file():
+                writer.done = _repair_and_read(path, fmt)
+            elif path.exists() and not resume:
+                path.unlink()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            writer.stream = path.open("a", encoding="utf-8", newline="")
+        if fmt == "csv":
+            writer.csv_writer = csv.writer(writer.stream)
+            if writer.target == "-" or writer.stream.tell() == 0:
+                writer.csv_writer.writerow(cls.CSV_FIELDS)
+        return writer
+
+    def write(self, result: ImageResult) -> None:
+        best = result.captions[0]
+        if self.format == "csv":
+            self.csv_writer.writerow([result.source, best.text, round(best.logprob, 4), self.settings["method"],
+                                      json.dumps(self.settings["options"], sort_keys=True)])
+        else:
+            record = {"image": result.source, "caption": best.text, "logprob": round(best.logprob, 4),
+                      "method": self.settings["method"], **self.settings["options"]}
+            if len(result.captions) > 1:
+                record["captions"] = [{"caption": c.text, "logprob": round(c.logprob, 4)} for c in result.captions]
+            self.stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+        if self.target != "-":
+            os.fsync(self.stream.fileno())
+
+    def close(self) -> None:
+        if self.target != "-":
+            self.stream.close()
+        else:
+            self.stream.flush()
+
+
+def _repair_and_read(path: Path, fmt: str) -> set[str]:
+    """Images already in an output file. A last line torn by a kill (no newline, or unparsable) is
+    cut off, so the rerun writes it again whole."""
+    data = path.read_bytes()
+    keep = data if data.endswith(b"\n") else data[: data.rfind(b"\n") + 1]
+    done: set[str] = set()
+    text = keep.decode("utf-8", errors="replace")
+    if fmt == "jsonl":
+        good_end = 0
+        for line in text.splitlines(keepends=True):
+            try:
+                done.add(json.loads(line)["image"])
+            except (ValueError, KeyError, TypeError):
+                break
+            good_end += len(line.encode("utf-8"))
+        keep = keep[:good_end]
+    else:
+        rows = list(csv.reader(io.StringIO(text)))
+        done = {row[0] for row in rows[1:] if len(row) == len(ResultWriter.CSV_FIELDS)}
+    if len(keep) != len(data):
+        with path.open("r+b") as f:
+            f.truncate(len(keep))
+    return done
+
+
+def caption_files(captioner: Captioner, paths: list[str], writer: ResultWriter, *, method: str = "greedy",
+                  batch_size: int = 32, workers: int = 1, seed: int | None = None, errors_to: IO[str] | None = None,
+                  progress: bool = True, **options) -> tuple[int, int]:
+    """Captions `paths` not already in `writer.done`; -> (captioned, failed)."""
+    todo = [p for p in paths if p not in writer.done]
+    captioned = failed = 0
+    bar = tqdm(total=len(todo), unit="img", desc="captioning", disable=not progress, file=sys.stderr)
+    try:
+        for result in captioner.caption_paths(todo, method, batch_size=batch_size, workers=workers, seed=seed,
+                                              **options):
+            if result.error:
+                failed += 1
+                print(f"error: {result.error}", file=sys.stderr)
+                if errors_to is not None:
+                    errors_to.write(json.dumps({"image": result.source, "error": result.error}) + "\n")
+                    errors_to.flush()
+            else:
+                captioned += 1
+                writer.write(result)
+            bar.update(1)
+            if bar.n % batch_size == 0 or bar.n == len(todo):
+                writer.flush()
+    finally:
+        writer.flush()
+        bar.close()
+    return captioned, failed
+

@@ -1,0 +1,160 @@
+"""The web app end to end: a real `app.py` server driven by gradio_client, and by a real browser."""
+
+import csv
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_app(*args: str):
+    port = free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"app.py exited early:\n{proc.stdout.read()}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return proc, url
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("app.py did not start within 120 s")
+
+
+def stop_app(proc):
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint):
+    proc, url = start_app("--checkpoint", str(tiny_checkpoint))
+    yield url
+    stop_app(proc)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from gradio_client import Client
+
+    return Client(server, verbose=False)
+
+
+def caption(client, path, method="Argmax (greedy)", temperature=1.0, top_k=0, top_p=1.0, num_samples=3, seed=0,
+            beam_size=3, length_penalty=0.0, max_length=20):
+    from gradio_client import handle_file
+
+    return client.predict(handle_file(str(path)), method, temperature, top_k, top_p, num_samples, seed, beam_size,
+                          length_penalty, max_length, api_name="/caption")
+
+
+def test_argmax_is_deterministic(client, scene_paths):
+    first, table = caption(client, scene_paths[0])
+    assert first == "A red circle on a white background."
+    assert caption(client, scene_paths[0])[0] == first
+    assert len(table["data"]) == 1 and table["data"][0][1] == first
+
+
+def test_sampling_reproduces_with_a_seed_and_varies_across_seeds(client, scene_paths):
+    a = [caption(client, p, "Sample", temperature=2.0, seed=1)[1]["data"] for p in scene_paths]
+    b = [caption(client, p, "Sample", temperature=2.0, seed=1)[1]["data"] for p in scene_paths]
+    c = [caption(client, p, "Sample", temperature=2.0, seed=2)[1]["data"] for p in scene_paths]
+    assert a == b
+    assert all(len(rows) == 3 for rows in a)
+    assert a != c
+
+
+def test_beam_returns_the_requested_ranked_beams(client, scene_paths):
+    best, table = caption(client, scene_paths[1], "Beam search", beam_size=5)
+    rows = table["data"]
+    assert [r[0] for r in rows] == [1, 2, 3, 4, 5] and rows[0][1] == best
+    logprobs = [r[2] for r in rows]
+    assert logprobs == sorted(logprobs, reverse=True)
+
+
+def test_a_corrupt_upload_is_an_error_and_the_server_keeps_serving(client, scene_paths, tmp_path):
+    from gradio_client.exceptions import AppError
+
+    bad = tmp_path / "corrupt.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    with pytest.raises(AppError):
+        caption(client, bad)
+    assert caption(client, scene_paths[2])[0] == "Green stripes cross a grey field."
+
+
+def test_batch_endpoint_gives_a_row_per_file_and_a_csv(client, scene_paths, tmp_path):
+    from gradio_client import handle_file
+
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("a text file named .jpg")
+    table, csv_path = client.predict([handle_file(str(p)) for p in (scene_paths[0], bad, scene_paths[3])],
+                                     "Argmax (greedy)", 3, api_name="/caption_batch")
+    rows = table["data"]
+    assert [r[0] for r in rows] == ["red_circle.jpg", "notes.jpg", "yellow_triangle.jpg"]
+    assert rows[0][1] == "A red circle on a white background." and rows[0][2] == ""
+    assert rows[1][1] == "" and "notes.jpg: not a readable image" in rows[1][2]
+    with open(csv_path, newline="") as f:
+        assert [r["file"] for r in csv.DictReader(f)] == ["red_circle.jpg", "notes.jpg", "yellow_triangle.jpg"]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install chromium; .ci/run does)")
+def test_real_browser_upload_switch_methods_and_caption(scene_paths):
+    from playwright.sync_api import sync_playwright
+
+    import gradio
+
+    photo = Path(gradio.__file__).parent / "media_assets" / "images" / "cheetah1.jpg"
+    proc, url = start_app()  # the built-in model, as `make run` serves it
+    ARTIFACTS.mkdir(exist_ok=True)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+                "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run"])
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(url)
+            page.locator("#image-input input[type=file]").set_input_files(str(photo))
+            output = page.locator("#caption-output textarea")
+            captions = {}
+            for method in ("Argmax (greedy)", "Sample", "Beam search"):
+                page.get_by_label(method, exact=True).check()
+                if method == "Sample":
+                    page.get_by_text("Temperature").first.wait_for()
+                if method == "Beam search":
+                    page.get_by_text("Beam size").first.wait_for()
+                before = output.input_value()
+                page.locator("#caption-button").click()
+                page.wait_for_function(
+                    "([sel, old]) => { const t = document.querySelector(sel); return t && t.value && t.value !== old; }",
+                    arg=["#caption-output textarea", before if method != "Argmax (greedy)" else ""], timeout=60000)
+                captions[method] = output.input_value()
+            page.screenshot(path=str(ARTIFACTS / "ui.png"), full_page=True)
+            browser.close()
+    finally:
+        stop_app(proc)
+    assert all(text and text[0].isupper() and text.endswith(".") for text in captions.values()), captions
+    assert (ARTIFACTS / "ui.png").stat().st_size > 10_000

@@ -1,0 +1,138 @@
+"""Training on a tiny real dataset: generated images, real encoder, real loop, real checkpoints."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from captioner import Captioner
+from captioner.training import TrainConfig, train
+
+from conftest import SCENES, draw_scene
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """Four scenes to train on, the same scenes drawn smaller to validate on."""
+    folder = tmp_path_factory.mktemp("tinyset")
+    rows = ["image,caption,split"]
+    for name, caption, _ in SCENES:
+        draw_scene(name).save(folder / f"{name}.jpg", quality=95)
+        draw_scene(name, size=80).save(folder / f"{name}_small.jpg", quality=90)
+        rows += [f"{name}.jpg,{caption},train", f"{name}_small.jpg,{caption},val"]
+    (folder / "captions.csv").write_text("\n".join(rows) + "\n")
+    return folder / "captions.csv"
+
+
+def tiny_config(dataset: Path, tmp: Path, **overrides) -> TrainConfig:
+    values = dict(dataset=str(dataset), output=str(tmp / "run"), cache_dir=str(tmp / "cache"), embed_dim=16,
+                  hidden_dim=32, dropout=0.0, epochs=3, batch_size=4, lr=1e-2, warmup_steps=1, min_count=1,
+                  patience=10, workers=0, encode_batch_size=8, seed=1)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def cli_flags(config: TrainConfig) -> list[str]:
+    flags = []
+    for key, value in vars(config).items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + key.replace("_", "-"))
+        elif value != "":
+            flags += [flag, str(value)]
+    return flags
+
+
+def test_train_writes_checkpoints_logs_and_curves(tiny_dataset, tmp_path, capfd):
+    best = train(tiny_config(tiny_dataset, tmp_path, epochs=12))
+    out = capfd.readouterr()
+    run = tmp_path / "run"
+    assert best == run / "best"
+    assert {p.name for p in run.iterdir()} >= {"best", "last", "metrics.jsonl", "curves.png", "recipe.json"}
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == list(range(1, 13))
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert "train 4 images / 4 captions" in out.out and "encoding images" in out.err
+    captioner = Captioner.from_pretrained(best, device="cpu")
+    assert captioner.config["training"]["train_images"] == 4
+    assert captioner.config["transform"]["resize"] is None  # squashed, as recorded
+    assert max(r["val_CIDEr"] for r in rows) > 100  # the small copies get their captions back
+
+
+def test_second_run_reuses_the_feature_cache(tiny_dataset, tmp_path, capfd):
+    train(tiny_config(tiny_dataset, tmp_path, epochs=1))
+    cache = list((tmp_path / "cache").iterdir())
+    assert len(cache) == 1
+    stamp = cache[0].stat().st_mtime_ns
+    capfd.readouterr()
+    train(tiny_config(tiny_dataset, tmp_path, epochs=1, output=str(tmp_path / "again"), hidden_dim=24))
+    assert "encoding images" not in capfd.readouterr().err
+    assert list((tmp_path / "cache").iterdir()) == cache and cache[0].stat().st_mtime_ns == stamp
+
+
+def decoder_tensors(directory: Path) -> dict:
+    return load_file(str(directory / "model.safetensors"))
+
+
+def test_resume_after_a_kill_gives_the_same_weights(tiny_dataset, tmp_path):
+    straight = tiny_config(tiny_dataset, tmp_path, output=str(tmp_path / "straight"), epochs=4, dropout=0.3,
+                           scheduled_sampling=0.2)
+    train(straight)
+    killed = tiny_config(tiny_dataset, tmp_path, output=str(tmp_path / "killed"), epochs=4, dropout=0.3,
+                         scheduled_sampling=0.2)
+    cmd = [sys.executable, "-m", "captioner", "train", *cli_flags(killed)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert len(metrics.read_text().splitlines()) < 4
+    resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout
+    assert [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()] == [1, 2, 3, 4]
+    a, b = decoder_tensors(tmp_path / "straight" / "last"), decoder_tensors(tmp_path / "killed" / "last")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_process_ddp_run(tiny_dataset, tmp_path):
+    config = tiny_config(tiny_dataset, tmp_path, epochs=2, batch_size=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "captioner", "train", *cli_flags(config)],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("epoch 2:") == 1  # only rank 0 validates and logs
+    captioner = Captioner.from_pretrained(tmp_path / "run" / "best", device="cpu")
+    assert isinstance(captioner.caption(tiny_dataset.parent / "red_circle.jpg"), str)
+
+
+def test_recipe_file_and_overrides(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('hidden_dim = 128\nepochs = 7\n')
+    config = TrainConfig.from_toml(recipe, epochs=2)
+    assert (config.hidden_dim, config.epochs) == (128, 2)
+    recipe.write_text('hidden_size = 128\n')
+    with pytest.raises(ValueError, match="r.toml: unknown field"):
+        TrainConfig.from_toml(recipe)
+
+
+def test_shipped_recipes_parse():
+    for recipe in (ROOT / "train").glob("*.toml"):
+        TrainConfig.from_toml(recipe)
