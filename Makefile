@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test
+.PHONY: run test builtin-model
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,3 +22,11 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Retrains the built-in model with train/flickr8k.toml (needs the Flickr8k data, ~28 min on 2 cores)
+# and packs its best checkpoint into the package: fp16, the first 2 of its 3 decoders (the package
+# stays under 25 MB), scored again on the test split.
+DATASET ?= ../shared/data/flickr8k
+builtin-model: $(VENV)/.installed
+	$(PY) -m captioner train train/flickr8k.toml --dataset $(DATASET)
+	$(PY) -m captioner export runs/flickr8k/best captioner/pretrained/flickr8k --fp16 --members 2 --score runs/flickr8k/builtin-test --dataset $(DATASET)

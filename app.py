@@ -18,6 +18,7 @@ from pathlib import Path
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no request leaves the machine
 
 import gradio as gr
+from PIL import UnidentifiedImageError
 
 from captioner import Captioner
 
@@ -25,6 +26,24 @@ METHODS = {"Argmax (greedy)": "greedy", "Sample": "sample", "Beam search": "beam
 MAX_UPLOAD = "25mb"
 EXAMPLES_DIR = Path(gr.__file__).parent / "media_assets" / "images"  # photos the gradio package ships
 EXAMPLES = [EXAMPLES_DIR / name for name in ("cheetah1.jpg", "lion.jpg", "bus.png", "tower.jpg")]
+
+
+class ImageUpload(gr.Image):
+    """gr.Image whose unreadable uploads become a readable error naming the file, not a stack trace.
+    (`is_template` makes gradio render it with the ordinary Image frontend.)"""
+
+    is_template = True
+
+    def preprocess(self, payload):
+        try:
+            return super().preprocess(payload)
+        except Exception as err:
+            name = getattr(payload, "orig_name", None) or "the upload"
+            if isinstance(err, UnidentifiedImageError):
+                reason = "unknown or corrupt format"
+            else:  # never show the server's temporary path
+                reason = f"{type(err).__name__}: {err}".replace(str(getattr(payload, "path", "")), name)
+            raise gr.Error(f"{name}: not a readable image ({reason})") from err
 
 
 def decoding_options(method: str, temperature, top_k, top_p, num_samples, seed, beam_size, length_penalty,
@@ -99,7 +118,7 @@ def build_app(captioner: Captioner) -> gr.Blocks:
         with gr.Tab("Caption"):
             with gr.Row():
                 with gr.Column():
-                    image = gr.Image(type="filepath", sources=["upload", "clipboard", "webcam"], label="Image",
+                    image = ImageUpload(type="filepath", sources=["upload", "clipboard", "webcam"], label="Image",
                                      elem_id="image-input")
                     method = gr.Radio(list(METHODS), value="Argmax (greedy)", label="Decoding", elem_id="method")
                     with gr.Group(visible=False) as sample_controls:

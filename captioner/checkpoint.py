@@ -37,7 +37,11 @@ def atomic_directory(directory: str | Path, write) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a checkpoint is for sharing
         for f in tmp.iterdir():
+            os.chmod(f, 0o666 & ~umask)
             with f.open("rb") as fh:
                 os.fsync(fh.fileno())
         previous = directory.with_name(directory.name + ".previous")

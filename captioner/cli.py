@@ -128,6 +128,28 @@ def cmd_eval(args) -> int:
     return EXIT_OK
 
 
+def cmd_export(args) -> int:
+    import torch
+
+    from .decoder import keep_members
+    from .model import Captioner
+    from .training import TrainConfig, report_test
+
+    captioner = Captioner.from_pretrained(args.checkpoint, device="cpu")
+    training = {k: v for k, v in captioner.config.get("training", {}).items() if k != "test"}
+    if args.members:
+        captioner.decoder = keep_members(captioner.decoder, args.members)
+        training["members_kept"] = args.members
+    dtype = torch.float16 if args.fp16 else torch.float32
+    out = captioner.save_pretrained(args.out, training=training, dtype=dtype)
+    if args.score:
+        recipe = TrainConfig(**{**training["recipe"], **({"dataset": args.dataset} if args.dataset else {})})
+        report_test(recipe, out, Path(args.score), dtype=dtype)
+    size = sum(p.stat().st_size for p in out.iterdir())
+    print(f"wrote {out} ({size / 2**20:.1f} MiB)")
+    return EXIT_OK
+
+
 def cmd_info(args) -> int:
     from .checkpoint import read_config
     from .model import BUILTIN, PRETRAINED_DIR
@@ -177,6 +199,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     _add_decoding_options(p, default_method="beam")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="copy a checkpoint for shipping: fp16, fewer ensemble members, rescored")
+    p.add_argument("checkpoint")
+    p.add_argument("out")
+    p.add_argument("--fp16", action="store_true", help="store weights as float16 (half the size)")
+    p.add_argument("--members", type=int, default=0, help="keep only the first N decoders of an ensemble")
+    p.add_argument("--score", default=None, metavar="DIR",
+                   help="score the exported model on its recipe's test split, record it in its config, "
+                        "and write predictions and scores to DIR")
+    p.add_argument("--dataset", default=None, help="with --score: the dataset, if not where the recipe had it")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("info", help="print a checkpoint's config")
     p.add_argument("checkpoint", nargs="?", default=None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass
 
@@ -130,6 +131,19 @@ class DecoderEnsemble(nn.Module):
         outputs = [m.step(tokens, s) for m, s in zip(self.members, state)]
         log_probs = torch.stack([nn.functional.log_softmax(logits.float(), -1) for logits, _ in outputs])
         return log_probs.logsumexp(0) - math.log(len(self.members)), tuple(s for _, s in outputs)
+
+
+def keep_members(decoder: DecoderEnsemble, count: int) -> CaptionDecoder | DecoderEnsemble:
+    """The first `count` members of an ensemble, as a smaller model (a single decoder for 1)."""
+    if not 1 <= count <= len(decoder.members):
+        raise ValueError(f"the ensemble has {len(decoder.members)} members; cannot keep {count}")
+    smaller = build_decoder(dataclasses.replace(decoder.config, members=count))
+    if count == 1:
+        smaller.load_state_dict(decoder.members[0].state_dict())
+    else:
+        for mine, theirs in zip(smaller.members, decoder.members):
+            mine.load_state_dict(theirs.state_dict())
+    return smaller.eval()
 
 
 def build_decoder(config: DecoderConfig) -> CaptionDecoder | DecoderEnsemble:

@@ -96,7 +96,7 @@ def load_image(src: ImageInput, *, draft_size: int | None = None, max_pixels: in
                 img = Image.open(stream)
         except Image.DecompressionBombError as err:
             stream.close()
-            raise ImageError(f"{name}: refused, too many pixels ({err})") from err
+            raise ImageError(f"{name}: refused, too many pixels (above the limit of {max_pixels:,}; {err})") from err
         except UnidentifiedImageError as err:
             stream.close()
             raise ImageError(f"{name}: not a readable image (unknown or corrupt format)") from err

@@ -15,7 +15,7 @@ from . import decoding
 from .checkpoint import load_checkpoint, save_checkpoint
 from .decoder import CaptionDecoder
 from .encoders import Encoder
-from .images import MAX_IMAGE_PIXELS, ImageError, ImageInput, ImageTransform, describe, image_batches, load_image
+from .images import MAX_IMAGE_PIXELS, ImageError, ImageInput, ImageTransform, describe, image_batches
 from .vocab import Vocabulary, detokenize
 
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
@@ -122,7 +122,7 @@ class Captioner:
             pixels, good = [], []
             for i in chunk:
                 try:
-                    pixels.append(self.transform(load_image(items[i], draft_size=self.transform.resize or self.transform.size)))
+                    pixels.append(self.transform.load(items[i]))
                     good.append(i)
                 except ImageError as err:
                     results[i].error = str(err)

@@ -27,8 +27,11 @@ from .checkpoint import load_checkpoint, resolve_directory, save_checkpoint
 from .datasets import CaptionDataset, load_dataset
 from .decoder import CaptionDecoder, DecoderConfig, build_decoder, caption_loss
 from .encoders import build_encoder
-from .features import cached_features
-from .vocab import END, Vocabulary
+from .features import cached_features, compute_features
+from .images import image_batches
+from . import decoding
+from .metrics import caption_stats, score_captions
+from .vocab import END, Vocabulary, detokenize
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -79,6 +82,11 @@ class TrainConfig:
     scheduled_sampling: float = 0.0  # probability of feeding the model's own prediction instead of the truth
     patience: int = 4  # epochs without a better validation CIDEr before stopping
     seed: int = 0
+    # optional phase 2: fine-tune the encoder's last blocks with the decoder, reading images
+    finetune_blocks: int = 0  # 0: no fine-tuning phase
+    finetune_epochs: int = 2
+    finetune_lr: float = 1e-5  # encoder blocks
+    finetune_decoder_lr: float = 5e-5
     # decoding for validation (greedy, every epoch) and the final test report
     max_length: int = 20
     eval_beam_size: int = 3
@@ -227,9 +235,6 @@ def _restore_state(directory: Path, optimizer: torch.optim.Optimizer) -> dict:
 def decode_features(decoder: CaptionDecoder, features: torch.Tensor, vocab: Vocabulary, device: torch.device,
                     method: str = "greedy", batch_size: int = 500, **options):
     """Greedy or beam captions for a stack of features -> (texts, ended flags)."""
-    from . import decoding
-    from .vocab import detokenize
-
     decoder.eval()
     texts, ended = [], []
     for start in range(0, len(features), batch_size):
@@ -245,8 +250,6 @@ def decode_features(decoder: CaptionDecoder, features: torch.Tensor, vocab: Voca
 
 
 def validate(decoder, features, records, vocab, device, config: TrainConfig) -> dict:
-    from .metrics import caption_stats, score_captions
-
     texts, ended = decode_features(decoder, features, vocab, device, max_length=config.max_length)
     predictions = {str(r.image): t for r, t in zip(records, texts)}
     references = {str(r.image): r.captions for r in records}
@@ -412,6 +415,10 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
             _log(f"early stop: no better validation CIDEr for {config.patience} epochs "
                  f"(best {progress['best_cider']:.2f} at epoch {progress['best_epoch']})")
             break
+    if config.finetune_blocks and config.finetune_epochs:
+        if world > 1:
+            raise ValueError("the fine-tuning phase runs in one process; start it without torchrun")
+        finetune(config, best_dir, train_records, val_records, vocab, device, metrics_path, progress["epoch"])
     if rank == 0 and dataset.split("test"):
         report_test(config, best_dir, out / "test")
     if dist.is_initialized():
@@ -419,7 +426,74 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     return best_dir
 
 
-def report_test(config: TrainConfig, best_dir: Path, out_dir: Path) -> dict:
+def finetune(config: TrainConfig, best_dir: Path, train_records, val_records, vocab: Vocabulary, device: torch.device,
+             metrics_path: Path, epochs_done: int) -> None:
+    """Phase 2: unfreeze the encoder's last `finetune_blocks` blocks and train them with the decoder at
+    small learning rates, reading images (the cache holds frozen features only). `best/` is replaced
+    only when validation CIDEr improves on phase 1's best."""
+    encoder, decoder, _, transform, saved = load_checkpoint(best_dir, device)
+    best_cider = saved["training"]["val_CIDEr"]
+    encoder.set_trainable_blocks(config.finetune_blocks)
+    optimizer = torch.optim.AdamW([
+        {"params": [p for p in encoder.parameters() if p.requires_grad], "lr": config.finetune_lr},
+        {"params": list(decoder.parameters()), "lr": config.finetune_decoder_lr},
+    ], weight_decay=config.weight_decay)
+    owners, captions = encode_captions(train_records, vocab, config.max_caption_length)
+    per_image: dict[int, list[list[int]]] = {}
+    for owner, ids in zip(owners.tolist(), captions):
+        per_image.setdefault(owner, []).append(ids)
+    trainable = sorted(per_image)
+    generator = torch.Generator().manual_seed(config.seed + 1)
+    use_amp = device.type == "cuda"
+    started = time.time()
+    for k in range(1, config.finetune_epochs + 1):
+        order = [trainable[i] for i in torch.randperm(len(trainable), generator=generator).tolist()]
+        encoder.train()
+        decoder.train()
+        total, seen = 0.0, 0
+        batches = image_batches([train_records[i].image for i in order], transform, config.batch_size, config.workers,
+                                pin_memory=use_amp)
+        for indices, pixels, _ in tqdm(batches, total=math.ceil(len(order) / config.batch_size),
+                                       desc=f"fine-tune {k}/{config.finetune_epochs}", unit="batch"):
+            if not indices:
+                continue
+            x = pixels[0].to(device, non_blocking=True)
+            mirror = torch.rand(len(indices), generator=generator) < 0.5
+            x[mirror.to(device)] = x[mirror.to(device)].flip(-1)
+            picks = [per_image[order[i]][int(torch.randint(len(per_image[order[i]]), (1,), generator=generator))]
+                     for i in indices]
+            tokens, lengths = pad_batch(picks)
+            tokens = tokens.to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                logits = decoder(encoder(x).float(), tokens, lengths)
+            loss = caption_loss(logits.float(), tokens, config.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config.clip_norm)
+            optimizer.step()
+            total += loss.item() * len(indices)
+            seen += len(indices)
+        val_features, _ = compute_features(encoder, [r.image for r in val_records], batch_size=config.encode_batch_size,
+                                           workers=config.workers, device=device, desc="encoding val images")
+        val = validate(decoder, val_features[0], val_records, vocab, device, config)
+        improved = val["CIDEr"] > best_cider
+        if improved:
+            best_cider = val["CIDEr"]
+            training = dict(saved["training"], val_CIDEr=round(best_cider, 2), finetune_epoch=k,
+                            finetune_seconds=round(time.time() - started, 1))
+            save_checkpoint(best_dir, encoder=encoder, decoder=decoder, vocab=vocab, transform=transform,
+                            training=training)
+        record = {"epoch": epochs_done + k, "phase": "finetune", "train_loss": total / max(1, seen),
+                  "val_BLEU-4": val["BLEU-4"], "val_CIDEr": val["CIDEr"], "val_distinct_words": val["distinct_words"],
+                  "val_cut_mid_phrase": val["cut_mid_phrase"], "elapsed_s": round(time.time() - started, 1)}
+        with metrics_path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        plot_curves(metrics_path, metrics_path.parent / "curves.png")
+        _log(f"fine-tune epoch {k}: loss {record['train_loss']:.3f}  val BLEU-4 {val['BLEU-4']:.2f}  "
+             f"CIDEr {val['CIDEr']:.2f}" + ("  (best)" if improved else ""))
+
+
+def report_test(config: TrainConfig, best_dir: Path, out_dir: Path, dtype: torch.dtype = torch.float32) -> dict:
     """Scores the best checkpoint on the test split, once, at the end, and records it in its config."""
     from .evaluation import evaluate, format_report
     from .model import Captioner
@@ -431,7 +505,7 @@ def report_test(config: TrainConfig, best_dir: Path, out_dir: Path) -> dict:
     _log(format_report(report))
     training = dict(captioner.config.get("training", {}))
     training["test"] = {k: report[k] for k in ("split", "method", "options", "scores", "stats")}
-    captioner.save_pretrained(best_dir, training=training)
+    captioner.save_pretrained(best_dir, training=training, dtype=dtype)
     return report
 
 

@@ -3,6 +3,7 @@ images, saved as a real checkpoint directory."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -18,6 +19,15 @@ from captioner.vocab import Vocabulary
 
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_bench(name: str):
+    """A script of bench/ as a module: the load tests share its server and request helpers."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 FLICKR8K = Path(os.environ.get("CAPTIONER_FLICKR8K", ROOT.parent / "shared" / "data" / "flickr8k"))
 needs_flickr8k = pytest.mark.skipif(not (FLICKR8K / "captions.txt").is_file(),
                                     reason=f"Flickr8k not found at {FLICKR8K} (../shared is absent)")

@@ -119,3 +119,22 @@ def test_an_ensemble_round_trips(tiny_captioner, tmp_path, scene_paths, scene_fe
     assert loaded.decoder.config.members == 2
     assert loaded.caption(scene_paths, "beam", beam_size=2) == captioner.caption(scene_paths, "beam", beam_size=2)
     assert loaded.caption(scene_paths) == tiny_captioner.caption(scene_paths)
+
+
+def test_fine_tuned_encoder_blocks_are_saved_and_restored(tiny_captioner, tmp_path):
+    from captioner.encoders import build_encoder
+
+    encoder = build_encoder("efficientnet_lite0", trainable_blocks=2)
+    with torch.no_grad():
+        for p in encoder.blocks[-1].parameters():
+            p.add_(0.01)
+    captioner = Captioner(encoder, tiny_captioner.decoder, tiny_captioner.vocab, tiny_captioner.transform, device="cpu")
+    saved = captioner.save_pretrained(tmp_path / "tuned")
+    config = json.loads((saved / "config.json").read_text())
+    assert config["encoder"]["fine_tuned_blocks"] == 2
+    loaded = Captioner.from_pretrained(saved, device="cpu").encoder
+    pristine = build_encoder("efficientnet_lite0")
+    for mine, theirs, fresh in zip(loaded.blocks[-1].parameters(), encoder.blocks[-1].parameters(),
+                                   pristine.blocks[-1].parameters()):
+        assert torch.equal(mine, theirs) and not torch.equal(mine, fresh)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.blocks[0].parameters(), pristine.blocks[0].parameters()))

@@ -56,3 +56,10 @@ def test_eval_command_on_a_fixture_with_a_known_answer(tiny_checkpoint, scene_di
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert [r["caption"].lower().rstrip(".") for r in rows] == [c for _, c, _ in SCENES]
     assert "BLEU-4 100.00" in result.stdout
+
+
+def test_without_java_falls_back_to_python_tokenisation_and_skips_meteor(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # a PATH with no java on it
+    scores = score_captions({k: v[0] for k, v in REFS.items()}, REFS)
+    assert scores["tokenizer"].startswith("python") and "METEOR" not in scores
+    assert scores["BLEU-4"] > 99.9

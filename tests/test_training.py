@@ -136,3 +136,12 @@ def test_recipe_file_and_overrides(tmp_path):
 def test_shipped_recipes_parse():
     for recipe in (ROOT / "train").glob("*.toml"):
         TrainConfig.from_toml(recipe)
+
+
+def test_fine_tuning_phase_reads_images_and_trains_the_last_blocks(tiny_dataset, tmp_path, capfd):
+    train(tiny_config(tiny_dataset, tmp_path, epochs=2, finetune_blocks=2, finetune_epochs=1, finetune_lr=1e-3,
+                      finetune_decoder_lr=1e-3, batch_size=2))
+    out = capfd.readouterr()
+    assert "fine-tune epoch 1:" in out.out and "fine-tune 1/1" in out.err
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("phase", "decoder") for r in rows] == ["decoder", "decoder", "finetune"]
