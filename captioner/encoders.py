@@ -113,10 +113,14 @@ def _resolve_torchvision_weights(name: str, weights: str):
 
 def _torchvision_encoder(name: str, weights: str, pretrained: bool) -> Encoder:
     entry = _resolve_torchvision_weights(name, weights)
+    model = torchvision.models.get_model(name, weights=None, num_classes=len(entry.meta["categories"]))
     if pretrained:
         cache = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(entry.url).path)
         try:
-            model = torchvision.models.get_model(name, weights=entry)
+            # Not torchvision's own loading: its hub call unpickles the cached file with
+            # weights_only=False, which runs whatever code a crafted file carries.
+            state = torch.hub.load_state_dict_from_url(entry.url, map_location="cpu", weights_only=True,
+                                                       check_hash=True)
         except Exception as err:  # urllib, socket and hash errors all mean "could not get the file"
             if cache.exists():
                 raise
@@ -125,8 +129,7 @@ def _torchvision_encoder(name: str, weights: str, pretrained: bool) -> Encoder:
                 f"downloading {entry.url} failed ({type(err).__name__}: {err}). Without network, put the "
                 f"file at {cache} (TORCH_HOME={os.environ.get('TORCH_HOME', Path(torch.hub.get_dir()).parent)})"
             ) from err
-    else:
-        model = torchvision.models.get_model(name, weights=None)
+        model.load_state_dict(state)
     preset = entry.transforms()
     transform = ImageTransform(
         size=preset.crop_size[0], resize=preset.resize_size[0], mean=tuple(preset.mean), std=tuple(preset.std),
