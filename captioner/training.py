@@ -91,6 +91,7 @@ class TrainConfig:
     max_length: int = 20
     eval_beam_size: int = 3
     length_penalty: float = 0.0
+    test_report: bool = True  # score best/ on the test split at the end
     # machinery
     device: str = "auto"
     workers: int = 1
@@ -419,7 +420,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
         if world > 1:
             raise ValueError("the fine-tuning phase runs in one process; start it without torchrun")
         finetune(config, best_dir, train_records, val_records, vocab, device, metrics_path, progress["epoch"])
-    if rank == 0 and dataset.split("test"):
+    if rank == 0 and config.test_report and dataset.split("test"):
         report_test(config, best_dir, out / "test")
     if dist.is_initialized():
         dist.barrier()
