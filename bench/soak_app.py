@@ -39,13 +39,16 @@ def free_port() -> int:
 def start_app(*args: str, threads: str = "2") -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}
+    # The server's log goes to a file: an unread pipe fills up (64 KB of error logs) and blocks the server.
+    log = tempfile.NamedTemporaryFile("w+", prefix="app-", suffix=".log", delete=False)
     proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                            stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
+    proc.log_path = log.name
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 120
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"app.py exited early:\n{proc.stdout.read()}")
+            raise RuntimeError(f"app.py exited early:\n{Path(log.name).read_text()}")
         try:
             urllib.request.urlopen(url, timeout=2)
             return proc, url
@@ -61,6 +64,7 @@ def stop_app(proc: subprocess.Popen) -> None:
         proc.wait(10)
     except subprocess.TimeoutExpired:
         proc.kill()
+    Path(proc.log_path).unlink(missing_ok=True)
 
 
 def rss_mb(pid: int) -> float:
