@@ -49,7 +49,7 @@ def test_karpathy_json(images):
 
 
 def test_coco_annotations(images):
-    data = load_dataset(FIXTURES / "captions_val2014.json", images=images)
+    data = load_dataset(FIXTURES / "coco_captions_val.json", images=images)
     assert data.format == "coco"
     records = by_name(data)
     assert records["red_circle.jpg"].captions == ["A red circle.", "Something round and red."]
@@ -106,7 +106,7 @@ def test_bom_crlf_and_bad_bytes(images, tmp_path):
 
 def test_format_detection_and_override(tmp_path):
     assert detect_format(FIXTURES / "flickr") == "flickr"
-    assert detect_format(FIXTURES / "captions_val2014.json") == "coco"
+    assert detect_format(FIXTURES / "coco_captions_val.json") == "coco"
     assert detect_format(FIXTURES / "dataset_karpathy.json") == "karpathy"
     shutil.copy(FIXTURES / "own.csv", tmp_path / "list.txt")
     with pytest.raises(DatasetError, match="unknown format"):
