@@ -48,7 +48,7 @@ class ResultWriter:
 
     target: str  # a file path, or "-" for stdout
     settings: dict
-    format: str = "jsonl"
+    format: str = "jsonl"  # jsonl | csv | tsv ("path<TAB>caption" lines, stdout only)
     done: set[str] = field(default_factory=set)
     stream: IO[str] | None = None
     csv_writer: object = None
@@ -56,8 +56,8 @@ class ResultWriter:
     CSV_FIELDS = ("image", "caption", "logprob", "method", "settings")
 
     @classmethod
-    def open(cls, target: str, settings: dict, resume: bool = False) -> "ResultWriter":
-        fmt = "csv" if target.lower().endswith(".csv") else "jsonl"
+    def open(cls, target: str, settings: dict, resume: bool = False, format: str | None = None) -> "ResultWriter":
+        fmt = format or ("csv" if target.lower().endswith(".csv") else "jsonl")
         writer = cls(target, settings, fmt)
         if target == "-":
             writer.stream = sys.stdout
@@ -77,7 +77,9 @@ class ResultWriter:
 
     def write(self, result: ImageResult) -> None:
         best = result.captions[0]
-        if self.format == "csv":
+        if self.format == "tsv":
+            self.stream.writelines(f"{result.source}\t{c.text}\n" for c in result.captions)
+        elif self.format == "csv":
             self.csv_writer.writerow([result.source, best.text, round(best.logprob, 4), self.settings["method"],
                                       json.dumps(self.settings["options"], sort_keys=True)])
         else:

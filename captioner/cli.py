@@ -57,30 +57,16 @@ def cmd_caption(args) -> int:
     options = _decoding_options(args)
     errors = open(args.errors, "a", encoding="utf-8") if args.errors else None
     progress = not args.quiet and (args.out not in (None, "-") or not sys.stdout.isatty())
+    # Without --out: plain "path<TAB>caption" lines on stdout.
+    writer = ResultWriter.open(args.out or "-", {"method": args.method, "options": options}, resume=args.resume,
+                               format=None if args.out else "tsv")
+    if writer.done:
+        print(f"resuming: {len(writer.done):,} image(s) already in {args.out}", file=sys.stderr)
     try:
-        if args.out is None:  # plain "path<TAB>caption" lines
-            failed = 0
-            for result in captioner.caption_paths(paths, args.method, batch_size=args.batch_size,
-                                                  workers=args.workers, seed=args.seed, **options):
-                if result.error:
-                    failed += 1
-                    print(f"error: {result.error}", file=sys.stderr)
-                    if errors:
-                        errors.write(json.dumps({"image": result.source, "error": result.error}) + "\n")
-                    continue
-                for caption in result.captions:
-                    print(f"{result.source}\t{caption.text}", flush=True)
-        else:
-            writer = ResultWriter.open(args.out, {"method": args.method, "options": options}, resume=args.resume)
-            if writer.done:
-                print(f"resuming: {len(writer.done):,} image(s) already in {args.out}", file=sys.stderr)
-            try:
-                _, failed = caption_files(captioner, paths, writer, method=args.method, batch_size=args.batch_size,
-                                          workers=args.workers, seed=args.seed, errors_to=errors, progress=progress,
-                                          **options)
-            finally:
-                writer.close()
+        _, failed = caption_files(captioner, paths, writer, method=args.method, batch_size=args.batch_size,
+                                  workers=args.workers, seed=args.seed, errors_to=errors, progress=progress, **options)
     finally:
+        writer.close()
         if errors:
             errors.close()
     return EXIT_SOME_FAILED if failed else EXIT_OK

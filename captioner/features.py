@@ -16,13 +16,13 @@ from .encoders import Encoder
 from .images import image_batches
 
 
-def cache_key(encoder: Encoder, transform_dict: dict, paths: list[Path], flip: bool) -> str:
+def cache_key(encoder: Encoder, paths: list[Path], flip: bool) -> str:
     """Changes whenever the encoder, its weights, the preprocessing, or any image file changes."""
     files = []
     for p in paths:
         st = p.stat()
         files.append([str(p.resolve()), st.st_size, st.st_mtime_ns])
-    blob = json.dumps({"encoder": encoder.name, "weights": encoder.weights_id, "transform": transform_dict,
+    blob = json.dumps({"encoder": encoder.name, "weights": encoder.weights_id, "transform": encoder.transform.to_dict(),
                        "flip": flip, "files": files}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
@@ -56,7 +56,7 @@ def cached_features(encoder: Encoder, paths: list[Path], cache_dir: str | Path, 
 
     -> (features V x N x D fp16, {index: error}, cache file path)
     """
-    key = cache_key(encoder, encoder.transform.to_dict(), paths, flip)
+    key = cache_key(encoder, paths, flip)
     cache_dir = Path(cache_dir)
     path = cache_dir / f"features-{encoder.name}-{key}.safetensors"
     if path.is_file():

@@ -234,19 +234,15 @@ def _restore_state(directory: Path, optimizer: torch.optim.Optimizer) -> dict:
 
 @torch.no_grad()
 def decode_features(decoder: CaptionDecoder, features: torch.Tensor, vocab: Vocabulary, device: torch.device,
-                    method: str = "greedy", batch_size: int = 500, **options):
-    """Greedy or beam captions for a stack of features -> (texts, ended flags)."""
+                    max_length: int = 20, batch_size: int = 500):
+    """Greedy captions for a stack of features -> (texts, ended flags)."""
     decoder.eval()
     texts, ended = [], []
     for start in range(0, len(features), batch_size):
         chunk = features[start:start + batch_size].to(device).float()
-        if method == "beam":
-            out = decoding.beam_search(decoder, chunk, **options)
-        else:
-            out = decoding.greedy(decoder, chunk, max_length=options.get("max_length", 20))
-        for per_image in out:
-            texts.append(detokenize(vocab.words(per_image[0].tokens)))
-            ended.append(per_image[0].ended)
+        for [caption] in decoding.greedy(decoder, chunk, max_length=max_length):
+            texts.append(detokenize(vocab.words(caption.tokens)))
+            ended.append(caption.ended)
     return texts, ended
 
 
