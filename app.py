@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -18,38 +19,42 @@ from pathlib import Path
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no request leaves the machine
 
 import gradio as gr
-from PIL import UnidentifiedImageError
 
 from captioner import Captioner
+from captioner.runtime import keep_freed_memory
 
 METHODS = {"Argmax (greedy)": "greedy", "Sample": "sample", "Beam search": "beam"}
 MAX_UPLOAD = "25mb"
 EXAMPLES_DIR = Path(gr.__file__).parent / "media_assets" / "images"  # photos the gradio package ships
+log = logging.getLogger("captioner.app")
 EXAMPLES = [EXAMPLES_DIR / name for name in ("cheetah1.jpg", "lion.jpg", "bus.png", "tower.jpg")]
 
 
 class ImageUpload(gr.Image):
-    """gr.Image whose unreadable uploads become a readable error naming the file, not a stack trace.
-    (`is_template` makes gradio render it with the ordinary Image frontend.)"""
+    """gr.Image that hands an uploaded file to our own loader untouched, so the app accepts and refuses
+    exactly what the API and the CLI do (pixel limit, draft mode, every mode, EXIF rotation): gr.Image
+    would decode the whole upload first to convert it to RGB, clipping 16-bit images and decoding
+    bombs under Pillow's own limit. (`is_template` makes gradio render it with the Image frontend.)"""
 
     is_template = True
 
     def preprocess(self, payload):
-        try:
-            return super().preprocess(payload)
-        except Exception as err:
-            name = getattr(payload, "orig_name", None) or "the upload"
-            if isinstance(err, UnidentifiedImageError):
-                reason = "unknown or corrupt format"
-            else:  # never show the server's temporary path
-                reason = f"{type(err).__name__}: {err}".replace(str(getattr(payload, "path", "")), name)
-            raise gr.Error(f"{name}: not a readable image ({reason})") from err
+        if payload is not None and payload.path and not (payload.url or "").startswith("data:"):
+            return payload.path
+        return super().preprocess(payload)
+
+
+def user_error(message: str) -> gr.Error:
+    """An error the user caused (a bad upload, a missing image): one line in the server log, not a
+    traceback per request, which under a stream of bad uploads would drown the log."""
+    log.warning("request refused: %s", message)
+    return gr.Error(message, print_exception=False)
 
 
 def decoding_options(method: str, temperature, top_k, top_p, num_samples, seed, beam_size, length_penalty,
                      max_length) -> tuple[str, dict]:
     if method not in METHODS:
-        raise gr.Error(f"Unknown decoding method {method!r}; choose one of {', '.join(METHODS)}.")
+        raise user_error(f"Unknown decoding method {method!r}; choose one of {', '.join(METHODS)}.")
     name = METHODS[method]
     options = {"max_length": int(max_length)}
     if name == "sample":
@@ -84,19 +89,19 @@ def model_card(config: dict) -> str:
 def build_app(captioner: Captioner) -> gr.Blocks:
     def caption(image, method, temperature, top_k, top_p, num_samples, seed, beam_size, length_penalty, max_length):
         if image is None:
-            raise gr.Error("Upload an image first.")
+            raise user_error("Upload an image first.")
         name, options = decoding_options(method, temperature, top_k, top_p, num_samples, seed, beam_size,
                                          length_penalty, max_length)
         [result] = captioner.generate([image], name, **options)
         if result.error:
-            raise gr.Error(f"Cannot caption this upload: {result.error.replace(str(image), Path(image).name)}")
+            raise user_error(result.error.replace(str(image), Path(image).name))  # never show the server's path
         rows = [[rank, c.text, round(c.logprob, 3), round(c.perplexity, 2)]
                 for rank, c in enumerate(result.captions, 1)]
         return result.captions[0].text, rows
 
     def caption_batch(files, method, beam_size):
         if not files:
-            raise gr.Error("Add one or more image files first.")
+            raise user_error("Add one or more image files first.")
         name, options = decoding_options(method, 1.0, 0, 1.0, 1, 0, beam_size, 0.0, 20)
         paths = [f if isinstance(f, str) else f.name for f in files]
         rows = []
@@ -165,6 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    keep_freed_memory()  # this process is ours: see captioner/runtime.py
     captioner = Captioner.from_pretrained(args.checkpoint)  # loaded once, shared by every request
     build_app(captioner).launch(server_name=args.host, server_port=args.port, share=args.share,
                                 max_file_size=MAX_UPLOAD, show_error=True)

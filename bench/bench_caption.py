@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from captioner import Captioner  # noqa: E402
 from captioner.batch import ResultWriter, caption_files  # noqa: E402
 from captioner.decoding import greedy  # noqa: E402
+from captioner.runtime import PRECISIONS, autocast_dtype, keep_freed_memory  # noqa: E402
 
 
 def image_list(dataset: Path, count: int) -> list[str]:
@@ -50,13 +51,18 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--latency-runs", type=int, default=50)
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's allocator as it is (the CLI and the app tune it)")
     args = parser.parse_args()
+    tuned = not args.default_malloc and keep_freed_memory()
 
     paths = image_list(Path(args.dataset), args.images)
-    cap = Captioner.from_pretrained(args.checkpoint)
+    cap = Captioner.from_pretrained(args.checkpoint, precision=args.precision)
     n = len(paths)
     print(f"{n} images from {args.dataset}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{os.cpu_count()} cores, device {cap.device}")
+          f"{os.cpu_count()} cores, device {cap.device}, encoder autocast "
+          f"{autocast_dtype(cap.device, args.precision) or 'off (fp32)'}, allocator {'tuned' if tuned else 'default'}")
     cap.caption(paths[:4])  # warm-up: first calls pay one-off allocations
 
     # (a) encoder alone, on tensors already decoded and resized
@@ -78,7 +84,7 @@ def main() -> None:
     beam_s = pipeline("beam", beam_size=3)
 
     # (c) the tutorial loop, one image at a time: the same weights in PyTorch's default (NCHW)
-    # memory format, as a model built the usual way has them
+    # memory format and fp32, as a model built the usual way has them
     plain_trunk = copy.deepcopy(cap.encoder.trunk).to(memory_format=torch.contiguous_format)
 
     def naive():

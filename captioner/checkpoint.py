@@ -34,6 +34,8 @@ def atomic_directory(directory: str | Path, write) -> Path:
     which `resolve_directory` falls back to."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
+    for stale in directory.parent.glob(f".{directory.name}.*.tmp"):  # left by a save that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
     try:
         write(tmp)
@@ -45,6 +47,8 @@ def atomic_directory(directory: str | Path, write) -> Path:
             with f.open("rb") as fh:
                 os.fsync(fh.fileno())
         previous = directory.with_name(directory.name + ".previous")
+        if previous.exists() and not directory.exists():
+            os.rename(previous, directory)  # the last save was killed between its renames: restore first
         if previous.exists():
             shutil.rmtree(previous)
         if directory.exists():

@@ -14,36 +14,39 @@ from tqdm.auto import tqdm
 
 from .encoders import Encoder
 from .images import image_batches
+from .runtime import autocast, autocast_dtype
 
 
-def cache_key(encoder: Encoder, paths: list[Path], flip: bool) -> str:
-    """Changes whenever the encoder, its weights, the preprocessing, or any image file changes."""
+def cache_key(encoder: Encoder, paths: list[Path], flip: bool, device: torch.device, precision: str) -> str:
+    """Changes whenever the encoder, its weights, the preprocessing, the precision it computes in, or
+    any image file changes."""
     files = []
     for p in paths:
         st = p.stat()
         files.append([str(p.resolve()), st.st_size, st.st_mtime_ns])
+    dtype = autocast_dtype(device, precision) or torch.float32
     blob = json.dumps({"encoder": encoder.name, "weights": encoder.weights_id, "transform": encoder.transform.to_dict(),
-                       "flip": flip, "files": files}, sort_keys=True)
+                       "flip": flip, "dtype": str(dtype), "files": files}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
 @torch.inference_mode()
 def compute_features(encoder: Encoder, paths: list[Path], *, flip: bool = False, batch_size: int = 64,
-                     workers: int = 1, device: str | torch.device = "cpu", desc: str = "encoding images"):
+                     workers: int = 1, device: str | torch.device = "cpu", precision: str = "auto",
+                     desc: str = "encoding images"):
     """-> (features V x N x D fp16, {index: error}). V is 2 with `flip` (original, mirrored)."""
     device = torch.device(device)
     encoder = encoder.to(device).eval()
     views = 2 if flip else 1
     out = torch.zeros(views, len(paths), encoder.feature_dim, dtype=torch.float16)
     errors: dict[int, str] = {}
-    autocast = torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda")
     with tqdm(total=len(paths), desc=desc, unit="img") as bar:
         for indices, pixels, bad in image_batches(paths, encoder.transform, batch_size, workers, flip,
                                                   pin_memory=device.type == "cuda"):
             errors.update(bad)
             if indices:
                 x = pixels.to(device, non_blocking=True).flatten(0, 1)
-                with autocast:
+                with autocast(device, precision):
                     feats = encoder(x).float()
                 out[:, indices] = feats.view(views, len(indices), -1).half().cpu()
             bar.update(len(indices) + len(bad))
@@ -51,12 +54,13 @@ def compute_features(encoder: Encoder, paths: list[Path], *, flip: bool = False,
 
 
 def cached_features(encoder: Encoder, paths: list[Path], cache_dir: str | Path, *, flip: bool = False,
-                    batch_size: int = 64, workers: int = 1, device: str | torch.device = "cpu"):
+                    batch_size: int = 64, workers: int = 1, device: str | torch.device = "cpu",
+                    precision: str = "auto"):
     """Loads features for `paths` from the cache, computing and storing them on a miss.
 
     -> (features V x N x D fp16, {index: error}, cache file path)
     """
-    key = cache_key(encoder, paths, flip)
+    key = cache_key(encoder, paths, flip, torch.device(device), precision)
     cache_dir = Path(cache_dir)
     path = cache_dir / f"features-{encoder.name}-{key}.safetensors"
     if path.is_file():
@@ -67,7 +71,7 @@ def cached_features(encoder: Encoder, paths: list[Path], cache_dir: str | Path, 
         except Exception as err:  # a torn or foreign file: recompute rather than fail
             print(f"feature cache {path} unreadable ({err}); recomputing")
     features, errors = compute_features(encoder, paths, flip=flip, batch_size=batch_size, workers=workers,
-                                        device=device)
+                                        device=device, precision=precision)
     cache_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
     os.close(fd)

@@ -16,6 +16,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .decoder import CaptionDecoder
 from .encoders import Encoder
 from .images import MAX_IMAGE_PIXELS, ImageError, ImageInput, ImageTransform, describe, image_batches
+from .runtime import autocast
 from .vocab import Vocabulary, detokenize
 
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
@@ -57,20 +58,23 @@ def default_device() -> torch.device:
 
 class Captioner:
     def __init__(self, encoder: Encoder, decoder: CaptionDecoder, vocab: Vocabulary, transform: ImageTransform,
-                 config: dict | None = None, device: str | torch.device | None = None):
+                 config: dict | None = None, device: str | torch.device | None = None, precision: str = "auto"):
         self.device = torch.device(device) if device else default_device()
+        self.precision = precision  # "auto": the encoder runs in bf16/fp16 where the hardware is native
+        autocast(self.device, precision)  # rejects an unknown precision now, not at the first image
         self.encoder = encoder.to(self.device).eval()
         self.decoder = decoder.to(self.device).eval()
         self.vocab, self.transform = vocab, transform
         self.config = config or {}
 
     @classmethod
-    def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device | None = None) -> "Captioner":
+    def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device | None = None,
+                        precision: str = "auto") -> "Captioner":
         """Loads a checkpoint directory, or with no argument the built-in Flickr8k model (offline)."""
         directory = PRETRAINED_DIR / BUILTIN if path is None or str(path) == BUILTIN else Path(path)
         device = torch.device(device) if device else default_device()
         encoder, decoder, vocab, transform, config = load_checkpoint(directory, device)
-        return cls(encoder, decoder, vocab, transform, config, device)
+        return cls(encoder, decoder, vocab, transform, config, device, precision)
 
     def save_pretrained(self, directory: str | Path, training: dict | None = None,
                         dtype: torch.dtype = torch.float32) -> Path:
@@ -82,7 +86,7 @@ class Captioner:
     @torch.inference_mode()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         pixels = pixels.to(self.device, non_blocking=True)
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.device.type == "cuda"):
+        with autocast(self.device, self.precision):
             return self.encoder(pixels).float()
 
     def decode(self, features: torch.Tensor, method: str = "greedy", *, seeds: Sequence[int] | None = None,

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -28,6 +29,7 @@ from .datasets import CaptionDataset, load_dataset
 from .decoder import CaptionDecoder, DecoderConfig, build_decoder, caption_loss
 from .encoders import build_encoder
 from .features import cached_features, compute_features
+from .runtime import autocast, autocast_dtype
 from .images import image_batches
 from . import decoding
 from .metrics import caption_stats, score_captions
@@ -79,6 +81,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.05
     clip_norm: float = 5.0
     label_smoothing: float = 0.0
+    ema_decay: float = 0.0  # > 0: validate and keep an exponential moving average of the weights (e.g. 0.999)
     scheduled_sampling: float = 0.0  # probability of feeding the model's own prediction instead of the truth
     patience: int = 4  # epochs without a better validation CIDEr before stopping
     seed: int = 0
@@ -94,6 +97,7 @@ class TrainConfig:
     test_report: bool = True  # score best/ on the test split at the end
     # machinery
     device: str = "auto"
+    precision: str = "auto"  # auto: bf16/fp16 autocast where the hardware is native (CUDA, AMX CPUs); or fp32
     workers: int = 1
     encode_batch_size: int = 64
 
@@ -191,10 +195,12 @@ def mix_predictions(decoder, features, captions, lengths, probability: float, ge
 
 # -- state that --resume restores -------------------------------------------------------------
 
-def _state_writer(optimizer: torch.optim.Optimizer, progress: dict):
+def _state_writer(optimizer: torch.optim.Optimizer, progress: dict, ema: AveragedModel | None):
     def write(directory: Path) -> None:
         state = optimizer.state_dict()
         tensors = {"rng.torch": torch.get_rng_state()}
+        if ema is not None:
+            tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema.state_dict().items()})
         scalars = {}
         for pid, entry in state["state"].items():
             for key, value in entry.items():
@@ -211,9 +217,14 @@ def _state_writer(optimizer: torch.optim.Optimizer, progress: dict):
     return write
 
 
-def _restore_state(directory: Path, optimizer: torch.optim.Optimizer) -> dict:
+def _restore_state(directory: Path, optimizer: torch.optim.Optimizer, ema: AveragedModel | None) -> dict:
     meta = json.loads((directory / STATE_JSON).read_text(encoding="utf-8"))
     tensors = load_file(str(directory / STATE_TENSORS))
+    if ema is not None:
+        averaged = {k.removeprefix("ema."): v for k, v in tensors.items() if k.startswith("ema.")}
+        if not averaged:
+            raise ValueError(f"{directory}: was trained without ema_decay; resume with the same settings")
+        ema.load_state_dict(averaged)
     state: dict = {}
     for key, value in tensors.items():
         if key.startswith("optimizer."):
@@ -276,7 +287,8 @@ def prepare(config: TrainConfig, device: torch.device):
         _barrier()  # rank 0 fills the cache first
     features, errors, cache_path = cached_features(encoder, paths, Path(config.cache_dir).expanduser(),
                                                    flip=config.flip, batch_size=config.encode_batch_size,
-                                                   workers=config.workers, device=device)
+                                                   workers=config.workers, device=device,
+                                                   precision=config.precision)
     if rank == 0:
         _barrier()
     _log(f"features: {tuple(features.shape)} from {cache_path}")
@@ -317,6 +329,9 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     no_decay = [p for n, p in decoder.named_parameters() if p.dim() <= 1]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+    # The average the run validates and keeps as best/; last/ holds the live weights and the average.
+    ema = AveragedModel(decoder, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay)) if config.ema_decay else None
+    evaluated = ema.module if ema is not None else decoder
     steps_per_epoch = len(captions) // (config.batch_size * world)
     total_steps = steps_per_epoch * config.epochs
     progress = {"epoch": 0, "step": 0, "best_cider": -1.0, "best_epoch": 0, "bad_epochs": 0, "plateau_scale": 1.0}
@@ -330,7 +345,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
             raise ValueError(f"{source}: its vocabulary ({len(saved_vocab):,} words) differs from the one this "
                              f"recipe builds ({len(vocab):,}); resume with the same dataset and settings")
         decoder.load_state_dict(saved_decoder.state_dict())
-        progress.update({k: v for k, v in _restore_state(source, optimizer).items() if k in progress})
+        progress.update({k: v for k, v in _restore_state(source, optimizer, ema).items() if k in progress})
         _log(f"resumed from {source} after epoch {progress['epoch']}")
         if rank == 0 and metrics_path.is_file():  # drop lines of epochs that will run again
             lines = metrics_path.read_text(encoding="utf-8").splitlines()
@@ -338,9 +353,8 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
             metrics_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
     elif rank == 0:
         metrics_path.unlink(missing_ok=True)  # a fresh run starts a fresh log
-    use_amp = device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    # fp16 gradients can underflow and need loss scaling; bf16 has fp32's range and does not
+    scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype(device, config.precision) == torch.float16)
     views = train_features.size(0)
     started = time.time()
 
@@ -362,7 +376,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
             lr = learning_rate(config, progress["step"], total_steps, progress["plateau_scale"])
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+            with autocast(device, config.precision):
                 logits = model(feats, inputs, lengths)
             loss = caption_loss(logits.float(), tokens, config.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
@@ -371,6 +385,8 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
             torch.nn.utils.clip_grad_norm_(decoder.parameters(), config.clip_norm)
             scaler.step(optimizer)
             scaler.update()
+            if ema is not None:
+                ema.update_parameters(decoder)
             progress["step"] += 1
             total_loss += loss.item() * len(picked)
             seen += len(picked)
@@ -380,7 +396,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
         progress["epoch"] = epoch
         stop = torch.zeros(1)
         if rank == 0:
-            val = validate(decoder, val_features[0], val_records, vocab, device, config)
+            val = validate(evaluated, val_features[0], val_records, vocab, device, config)
             improved = val["CIDEr"] > progress["best_cider"]
             if improved:
                 progress.update(best_cider=val["CIDEr"], best_epoch=epoch, bad_epochs=0)
@@ -390,10 +406,10 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
                     progress["plateau_scale"] *= 0.5
             summary = training_summary(config, dataset, progress, time.time() - started)
             if improved:
-                save_checkpoint(best_dir, encoder=encoder, decoder=decoder, vocab=vocab,
+                save_checkpoint(best_dir, encoder=encoder, decoder=evaluated, vocab=vocab,
                                 transform=encoder.transform, training=summary)
             save_checkpoint(last_dir, encoder=encoder, decoder=decoder, vocab=vocab, transform=encoder.transform,
-                            training=summary, extra=_state_writer(optimizer, progress))
+                            training=summary, extra=_state_writer(optimizer, progress, ema))
             # Logged after the save: a line in metrics.jsonl means last/ holds that epoch.
             record = {"epoch": epoch, "step": progress["step"], "train_loss": total_loss / max(1, seen), "lr": lr,
                       "val_BLEU-4": val["BLEU-4"], "val_CIDEr": val["CIDEr"],
@@ -441,7 +457,7 @@ def finetune(config: TrainConfig, best_dir: Path, train_records, val_records, vo
         per_image.setdefault(owner, []).append(ids)
     trainable = sorted(per_image)
     generator = torch.Generator().manual_seed(config.seed + 1)
-    use_amp = device.type == "cuda"
+    pinned = device.type == "cuda"
     started = time.time()
     for k in range(1, config.finetune_epochs + 1):
         order = [trainable[i] for i in torch.randperm(len(trainable), generator=generator).tolist()]
@@ -449,7 +465,7 @@ def finetune(config: TrainConfig, best_dir: Path, train_records, val_records, vo
         decoder.train()
         total, seen = 0.0, 0
         batches = image_batches([train_records[i].image for i in order], transform, config.batch_size, config.workers,
-                                pin_memory=use_amp)
+                                pin_memory=pinned)
         for indices, pixels, _ in tqdm(batches, total=math.ceil(len(order) / config.batch_size),
                                        desc=f"fine-tune {k}/{config.finetune_epochs}", unit="batch"):
             if not indices:
@@ -461,7 +477,7 @@ def finetune(config: TrainConfig, best_dir: Path, train_records, val_records, vo
                      for i in indices]
             tokens, lengths = pad_batch(picks)
             tokens = tokens.to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            with autocast(device, config.precision):
                 logits = decoder(encoder(x).float(), tokens, lengths)
             loss = caption_loss(logits.float(), tokens, config.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
@@ -471,7 +487,8 @@ def finetune(config: TrainConfig, best_dir: Path, train_records, val_records, vo
             total += loss.item() * len(indices)
             seen += len(indices)
         val_features, _ = compute_features(encoder, [r.image for r in val_records], batch_size=config.encode_batch_size,
-                                           workers=config.workers, device=device, desc="encoding val images")
+                                           workers=config.workers, device=device, precision=config.precision,
+                                           desc="encoding val images")
         val = validate(decoder, val_features[0], val_records, vocab, device, config)
         improved = val["CIDEr"] > best_cider
         if improved:
@@ -495,7 +512,7 @@ def report_test(config: TrainConfig, best_dir: Path, out_dir: Path, dtype: torch
     from .evaluation import evaluate, format_report
     from .model import Captioner
 
-    captioner = Captioner.from_pretrained(best_dir)
+    captioner = Captioner.from_pretrained(best_dir, precision=config.precision)
     report = evaluate(captioner, config.dataset, "test", images=config.images or None, format=config.format or None,
                       method="beam", out_dir=out_dir, workers=config.workers, beam_size=config.eval_beam_size,
                       length_penalty=config.length_penalty, max_length=config.max_length)

@@ -7,6 +7,7 @@ import importlib.util
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
@@ -105,3 +106,28 @@ def tiny_captioner(lite0, scene_features, scene_captions) -> Captioner:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tiny_captioner, tmp_path_factory) -> Path:
     return tiny_captioner.save_pretrained(tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+def bomb(path):
+    """A 30000x30000 PNG: a few hundred KB on disk, 2.7 GB once decoded."""
+    Image.new("L", (30000, 30000)).save(path, optimize=True)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("corpus")
+    base = draw_scene("yellow_triangle", size=160)
+    base.convert("L").save(folder / "grey_L.png")
+    base.convert("LA").save(folder / "grey_alpha_LA.png")
+    paletted = base.convert("P")
+    paletted.info["transparency"] = 0
+    paletted.save(folder / "palette_transparent_P.png", transparency=0)
+    rgba = base.convert("RGBA")
+    rgba.putalpha(200)
+    rgba.save(folder / "rgba.png")
+    base.convert("CMYK").save(folder / "cmyk.jpg")
+    Image.fromarray((np.asarray(base.convert("L"), dtype=np.uint16) * 257)).save(folder / "sixteen_bit.png")
+    frames = [base, draw_scene("blue_square", size=160)]
+    frames[0].save(folder / "animated.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    frames[0].save(folder / "animated.webp", save_all=True, append_images=frames[1:], duration=100)
+    return folder

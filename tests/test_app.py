@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, load_bench
+from conftest import ROOT, bomb, draw_scene, load_bench
 
 soak = load_bench("soak_app")
 start_app, stop_app = soak.start_app, soak.stop_app
@@ -17,7 +17,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint):
     proc, url = start_app("--checkpoint", str(tiny_checkpoint))
-    yield url
+    yield proc, url
     stop_app(proc)
 
 
@@ -25,7 +25,7 @@ def server(tiny_checkpoint):
 def client(server):
     from gradio_client import Client
 
-    return Client(server, verbose=False)
+    return Client(server[1], verbose=False)
 
 
 def caption(client, path, method="Argmax (greedy)", temperature=1.0, top_k=0, top_p=1.0, num_samples=3, seed=0,
@@ -60,14 +60,17 @@ def test_beam_returns_the_requested_ranked_beams(client, scene_paths):
     assert logprobs == sorted(logprobs, reverse=True)
 
 
-def test_a_corrupt_upload_is_an_error_and_the_server_keeps_serving(client, scene_paths, tmp_path):
+def test_a_corrupt_upload_is_an_error_and_the_server_keeps_serving(server, client, scene_paths, tmp_path):
     from gradio_client.exceptions import AppError
 
     bad = tmp_path / "corrupt.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
-    with pytest.raises(AppError, match=r"^corrupt.jpg: not a readable image \(OSError: [^/]*\)$"):
+    with pytest.raises(AppError, match=r"^corrupt.jpg: not a readable image \([^/]*\)$"):  # no server path
         caption(client, bad)
     assert caption(client, scene_paths[2])[0] == "Green stripes cross a grey field."
+    log = Path(server[0].log_path).read_text()
+    assert "request refused: corrupt.jpg: not a readable image" in log
+    assert "Traceback" not in log  # a user's bad file is one log line, not a stack trace
 
 
 def test_batch_endpoint_gives_a_row_per_file_and_a_csv(client, scene_paths, tmp_path):
@@ -122,3 +125,44 @@ def test_real_browser_upload_switch_methods_and_caption(scene_paths):
         stop_app(proc)
     assert all(text and text[0].isupper() and text.endswith(".") for text in captions.values()), captions
     assert (ARTIFACTS / "ui.png").stat().st_size > 10_000
+
+
+def test_the_app_accepts_and_refuses_what_the_api_does(client, tiny_captioner, corpus, tmp_path):
+    from gradio_client.exceptions import AppError
+
+    for path in sorted(corpus.iterdir()):  # every mode, animated GIF and WebP, 16-bit
+        [expected] = tiny_captioner.generate([path])
+        assert caption(client, path)[0] == expected.text, path.name
+    bomb(tmp_path / "bomb.png")
+    with pytest.raises(AppError, match=r"^bomb.png: refused, too many pixels \(above the limit of [\d,]+;"):
+        caption(client, tmp_path / "bomb.png")
+
+
+def test_exif_rotated_upload_is_captioned_upright(client, tmp_path):
+    from PIL import Image
+
+    upright = draw_scene("yellow_triangle", size=160)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    upright.rotate(90, expand=True).save(tmp_path / "rotated.jpg", exif=exif.tobytes(), quality=95)
+    upright.rotate(90, expand=True).save(tmp_path / "sideways.jpg", quality=95)  # the same pixels, no EXIF
+    upright.save(tmp_path / "upright.jpg", quality=95)
+    # the caption's log-probability tells the pictures apart even where the words agree
+    logprob = {name: caption(client, tmp_path / f"{name}.jpg")[1]["data"][0][2]
+               for name in ("upright", "rotated", "sideways")}
+    assert abs(logprob["rotated"] - logprob["upright"]) < abs(logprob["sideways"] - logprob["upright"]), logprob
+
+
+def test_big_photo_is_captioned_and_an_oversized_upload_refused(client, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    big = tmp_path / "camera.jpg"
+    draw_scene("red_circle", size=96).resize((8000, 6000)).save(big, quality=80)
+    assert caption(client, big)[0] == "A red circle on a white background."
+    noise = tmp_path / "noise.png"  # incompressible: just over the app's 25 MB upload limit
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (3000, 3000, 3), dtype=np.uint8)).save(noise)
+    assert noise.stat().st_size > 25_000_000
+    with pytest.raises(Exception, match="(?i)exceed|too large|maximum"):
+        caption(client, noise)
+    assert caption(client, big)[0] == "A red circle on a white background."

@@ -1,5 +1,9 @@
 import json
+import random
 import shutil
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -138,3 +142,37 @@ def test_fine_tuned_encoder_blocks_are_saved_and_restored(tiny_captioner, tmp_pa
                                    pristine.blocks[-1].parameters()):
         assert torch.equal(mine, theirs) and not torch.equal(mine, fresh)
     assert all(torch.equal(a, b) for a, b in zip(loaded.blocks[0].parameters(), pristine.blocks[0].parameters()))
+
+
+SAVER = """
+import sys, torch
+from captioner import Captioner
+source, target, first = sys.argv[1], sys.argv[2], int(sys.argv[3])
+model = Captioner.from_pretrained(source, device="cpu")
+for version in range(first, first + 10_000):
+    with torch.no_grad():
+        for p in model.decoder.parameters():
+            p.fill_(version)  # every tensor says which save wrote it
+    model.save_pretrained(target, training={"version": version})
+    print(version, flush=True)
+"""
+
+
+def test_sigkill_during_saves_leaves_the_old_or_the_new_checkpoint(tiny_checkpoint, tmp_path):
+    """Real SIGKILLs at random moments of a process that does nothing but save checkpoints."""
+    target = tmp_path / "last"
+    rng = random.Random(0)
+    for run in range(10):
+        proc = subprocess.Popen([sys.executable, "-c", SAVER, str(tiny_checkpoint), str(target), str(1000 * run)],
+                                stdout=subprocess.PIPE, text=True)
+        completed = int(proc.stdout.readline())  # one whole save of this run has landed
+        time.sleep(rng.uniform(0.0, 0.3))
+        proc.kill()
+        completed = max([completed, *(int(line) for line in proc.stdout.read().split())])
+        proc.wait()
+        encoder, decoder, vocab, transform, config = load_checkpoint(target)
+        version = config["training"]["version"]
+        assert version in (completed, completed + 1)  # the last finished save, or the one in flight
+        assert all(bool((p == version).all()) for p in decoder.parameters()), "weights and config from different saves"
+    Captioner.from_pretrained(tiny_checkpoint).save_pretrained(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]  # a later save clears what the kills left

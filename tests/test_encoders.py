@@ -59,7 +59,7 @@ def test_frozen_by_default_and_unfreezes_last_blocks():
     trainable = [any(p.requires_grad for p in b.parameters()) for b in encoder.blocks]
     assert trainable[-3:] == [True] * 3 and not any(trainable[:-3])
     encoder.train()
-    assert not encoder.blocks[0].training and encoder.blocks[-1].training  # frozen BN stays in eval
+    assert not encoder.blocks[0].training and encoder.blocks[-1].training  # frozen blocks stay in eval
     with pytest.raises(ValueError, match="has 18 blocks"):
         encoder.set_trainable_blocks(99)
 
@@ -111,3 +111,13 @@ def test_unknown_encoder_and_weights_are_clear_errors():
         build_encoder("resnet9000")
     with pytest.raises(ValueError, match="resnet18 has no weights 'IMAGENET9K'"):
         build_encoder("resnet18", weights="IMAGENET9K", pretrained=False)
+
+
+def test_fine_tuning_never_moves_batch_norm_statistics():
+    encoder = build_encoder("efficientnet_lite0", trainable_blocks=5).train()
+    norms = [m for m in encoder.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    before = [m.running_mean.clone() for m in norms]
+    encoder(torch.randn(4, 3, 224, 224) * 3 + 1).sum().backward()
+    assert not any(m.training for m in norms)
+    assert all(torch.equal(m.running_mean, b) for m, b in zip(norms, before))
+    assert any(p.grad is not None for p in encoder.blocks[-1].parameters())

@@ -12,32 +12,7 @@ from PIL import Image
 
 from captioner.images import MAX_IMAGE_PIXELS, ImageTransform, load_image
 
-from conftest import draw_scene
-
-
-def bomb(path):
-    """A 30000x30000 PNG: a few hundred KB on disk, 2.7 GB once decoded."""
-    Image.new("L", (30000, 30000)).save(path, optimize=True)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("corpus")
-    base = draw_scene("yellow_triangle", size=160)
-    base.convert("L").save(folder / "grey_L.png")
-    base.convert("LA").save(folder / "grey_alpha_LA.png")
-    paletted = base.convert("P")
-    paletted.info["transparency"] = 0
-    paletted.save(folder / "palette_transparent_P.png", transparency=0)
-    rgba = base.convert("RGBA")
-    rgba.putalpha(200)
-    rgba.save(folder / "rgba.png")
-    base.convert("CMYK").save(folder / "cmyk.jpg")
-    Image.fromarray((np.asarray(base.convert("L"), dtype=np.uint16) * 257)).save(folder / "sixteen_bit.png")
-    frames = [base, draw_scene("blue_square", size=160)]
-    frames[0].save(folder / "animated.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
-    frames[0].save(folder / "animated.webp", save_all=True, append_images=frames[1:], duration=100)
-    return folder
+from conftest import bomb, draw_scene
 
 
 def test_every_mode_and_format_captions(tiny_captioner, corpus):

@@ -86,10 +86,10 @@ def decoder_tensors(directory: Path) -> dict:
 
 def test_resume_after_a_kill_gives_the_same_weights(tiny_dataset, tmp_path):
     straight = tiny_config(tiny_dataset, tmp_path, output=str(tmp_path / "straight"), epochs=4, dropout=0.3,
-                           scheduled_sampling=0.2)
+                           scheduled_sampling=0.2, ema_decay=0.9)
     train(straight)
     killed = tiny_config(tiny_dataset, tmp_path, output=str(tmp_path / "killed"), epochs=4, dropout=0.3,
-                         scheduled_sampling=0.2)
+                         scheduled_sampling=0.2, ema_decay=0.9)
     cmd = [sys.executable, "-m", "captioner", "train", *cli_flags(killed)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = tmp_path / "killed" / "metrics.jsonl"
@@ -106,9 +106,19 @@ def test_resume_after_a_kill_gives_the_same_weights(tiny_dataset, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stdout
     assert [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()] == [1, 2, 3, 4]
-    a, b = decoder_tensors(tmp_path / "straight" / "last"), decoder_tensors(tmp_path / "killed" / "last")
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    for kept in ("last", "best"):  # the live weights, and their moving average
+        a, b = decoder_tensors(tmp_path / "straight" / kept), decoder_tensors(tmp_path / "killed" / kept)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), kept
+
+
+def test_ema_validates_and_keeps_the_average(tiny_dataset, tmp_path):
+    train(tiny_config(tiny_dataset, tmp_path, epochs=1, batch_size=1, ema_decay=0.5))  # several steps
+    live, best = decoder_tensors(tmp_path / "run" / "last"), decoder_tensors(tmp_path / "run" / "best")
+    state = load_file(str(tmp_path / "run" / "last" / "training_state.safetensors"))
+    average = {k: state["ema.module." + k.removeprefix("decoder.")] for k in live}
+    assert all(torch.equal(best[k], average[k]) for k in live)  # one epoch: best/ is its average
+    assert any(not torch.equal(live[k], average[k]) for k in live)
 
 
 def test_two_process_ddp_run(tiny_dataset, tmp_path):
