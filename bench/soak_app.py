@@ -135,9 +135,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         bad = make_corrupt(Path(tmp))
         rss_before = rss_mb(proc.pid) if proc else float("nan")
-        results, end = [], time.time() + args.seconds
-        while time.time() < end:
+        results, start = [], time.time()
+        rss_each_minute, next_sample = [], start + 60
+        while time.time() < start + args.seconds:
             results += hammer(url, good, bad, args.concurrency * 4, args.concurrency)
+            if proc and time.time() >= next_sample:  # does the memory level off?
+                rss_each_minute.append(round(rss_mb(proc.pid)))
+                next_sample += 60
         rss_after = rss_mb(proc.pid) if proc else float("nan")
     if proc:
         stop_app(proc)
@@ -146,7 +150,8 @@ def main() -> None:
     print(f"{len(results)} requests in {args.seconds:.0f} s at concurrency {args.concurrency}: "
           f"{len(failures)} wrong answers")
     print(f"latency p50 {statistics.median(latencies):.0f} ms, p95 {statistics.quantiles(latencies, n=20)[-1]:.0f} ms")
-    print(f"server memory {rss_before:.0f} MB before, {rss_after:.0f} MB after")
+    print(f"server memory {rss_before:.0f} MB before, {rss_after:.0f} MB after; "
+          f"after each minute: {', '.join(map(str, rss_each_minute))} MB")
     for seen in failures[:5]:
         print("  wrong:", seen)
     sys.exit(1 if failures else 0)

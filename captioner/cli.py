@@ -165,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the built-in model)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=1, help="image-decoding processes")
+    p.add_argument("--workers", type=int, default=1,
+                   help="image-decoding processes (0: in this process, faster on 2 cores)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (each file: seed + CRC32 of its path)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",

@@ -44,8 +44,9 @@ def keep_freed_memory() -> bool:
     """Stops glibc from handing every large freed block back to the kernel. By default each big
     activation is mmapped and unmapped per forward pass, and refaulting those pages took half of the
     encoder's time here (CPU only; a GPU keeps its own cache). The process then keeps its peak
-    memory instead of returning it, so only our own entry points (CLI, app, bench) call this, never
-    the library on import. Returns False where there is no glibc."""
+    memory instead of returning it, so only our batch entry points (the CLI, the bench) call this,
+    never the library on import, nor the web app, whose single images gain nothing from it.
+    Returns False where there is no glibc."""
     if not sys.platform.startswith("linux"):
         return False
     try:
