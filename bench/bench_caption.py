@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--latency-runs", type=int, default=50)
     parser.add_argument("--precision", choices=PRECISIONS, default="auto")
     parser.add_argument("--default-malloc", action="store_true",
-                        help="leave glibc's allocator as it is (the CLI and the app tune it)")
+                        help="leave glibc's allocator as it is (the CLI tunes it)")
     args = parser.parse_args()
     tuned = not args.default_malloc and keep_freed_memory()
 

@@ -41,6 +41,12 @@ def _decoding_options(args) -> dict:
     return {"max_length": args.max_length}
 
 
+def _add_device_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="auto: the encoder runs in bf16/fp16 where the hardware is native (CUDA, AMX CPUs)")
+
+
 def _load(args):
     from .model import Captioner
 
@@ -168,9 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1,
                    help="image-decoding processes (0: in this process, faster on 2 cores)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (each file: seed + CRC32 of its path)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="auto: the encoder runs in bf16/fp16 where the hardware is native (CUDA, AMX CPUs)")
+    _add_device_options(p)
     _add_decoding_options(p)
     p.set_defaults(func=cmd_caption)
 
@@ -187,9 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--limit", type=int, default=0, help="score only the first N images")
-    p.add_argument("--device", default=None)
-    p.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="auto: the encoder runs in bf16/fp16 where the hardware is native (CUDA, AMX CPUs)")
+    _add_device_options(p)
     _add_decoding_options(p, default_method="beam")
     p.set_defaults(func=cmd_eval)
 

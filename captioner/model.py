@@ -16,7 +16,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .decoder import CaptionDecoder
 from .encoders import Encoder
 from .images import MAX_IMAGE_PIXELS, ImageError, ImageInput, ImageTransform, describe, image_batches
-from .runtime import autocast
+from .runtime import autocast, autocast_dtype
 from .vocab import Vocabulary, detokenize
 
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
@@ -61,7 +61,7 @@ class Captioner:
                  config: dict | None = None, device: str | torch.device | None = None, precision: str = "auto"):
         self.device = torch.device(device) if device else default_device()
         self.precision = precision  # "auto": the encoder runs in bf16/fp16 where the hardware is native
-        autocast(self.device, precision)  # rejects an unknown precision now, not at the first image
+        autocast_dtype(self.device, precision)  # rejects an unknown precision now, not at the first image
         self.encoder = encoder.to(self.device).eval()
         self.decoder = decoder.to(self.device).eval()
         self.vocab, self.transform = vocab, transform
