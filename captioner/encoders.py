@@ -74,11 +74,22 @@ class Encoder(nn.Module):
                 module.eval()
         return self
 
-    def forward(self, images: torch.Tensor, spatial: bool = False):
+    def boundary(self, images: torch.Tensor) -> torch.Tensor:
+        """The activations where the frozen blocks end and the trainable ones begin. They do not change
+        while the trainable blocks train, so fine-tuning computes them once (features.py)."""
         # channels_last runs these CNNs 1.4-2.4x faster on CPU too (measured on Lite0/Lite2).
-        fmap = self.trunk(images.contiguous(memory_format=torch.channels_last))
+        frozen = len(self.blocks) - self.trainable_blocks
+        return self.trunk[:frozen](images.contiguous(memory_format=torch.channels_last))
+
+    def from_boundary(self, activations: torch.Tensor, spatial: bool = False):
+        """The trainable blocks and the pooling, on `boundary` activations."""
+        frozen = len(self.blocks) - self.trainable_blocks
+        fmap = self.trunk[frozen:](activations.contiguous(memory_format=torch.channels_last))
         pooled = fmap.mean(dim=(2, 3))
         return (pooled, fmap) if spatial else pooled
+
+    def forward(self, images: torch.Tensor, spatial: bool = False):
+        return self.from_boundary(self.boundary(images), spatial)
 
 
 def _lite_encoder(name: str, pretrained: bool) -> Encoder:

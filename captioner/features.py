@@ -1,4 +1,7 @@
-"""Encoder features computed once and cached on disk, so training epochs touch only the decoder."""
+"""Encoder features computed once and cached on disk, so training epochs touch only the decoder.
+
+With `boundary=True` the cache holds the activations where the encoder's frozen blocks end instead
+of pooled features: fine-tuning the last blocks then never runs the frozen ones again."""
 
 from __future__ import annotations
 
@@ -17,28 +20,37 @@ from .images import image_batches
 from .runtime import autocast, autocast_dtype
 
 
-def cache_key(encoder: Encoder, paths: list[Path], flip: bool, device: torch.device, precision: str) -> str:
-    """Changes whenever the encoder, its weights, the preprocessing, the precision it computes in, or
-    any image file changes."""
+def cache_key(encoder: Encoder, paths: list[Path], flip: bool, device: torch.device, precision: str,
+              boundary: bool = False) -> str:
+    """Changes whenever the encoder, its weights, the preprocessing, the precision it computes in, the
+    block it stops at, or any image file changes."""
     files = []
     for p in paths:
         st = p.stat()
         files.append([str(p.resolve()), st.st_size, st.st_mtime_ns])
     dtype = autocast_dtype(device, precision) or torch.float32
-    blob = json.dumps({"encoder": encoder.name, "weights": encoder.weights_id, "transform": encoder.transform.to_dict(),
-                       "flip": flip, "dtype": str(dtype), "files": files}, sort_keys=True)
+    what = {"encoder": encoder.name, "weights": encoder.weights_id, "transform": encoder.transform.to_dict(),
+            "flip": flip, "dtype": str(dtype), "files": files}
+    if boundary:
+        what["trainable_blocks"] = encoder.trainable_blocks
+    blob = json.dumps(what, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
 @torch.inference_mode()
 def compute_features(encoder: Encoder, paths: list[Path], *, flip: bool = False, batch_size: int = 64,
                      workers: int = 1, device: str | torch.device = "cpu", precision: str = "auto",
-                     desc: str = "encoding images"):
-    """-> (features V x N x D fp16, {index: error}). V is 2 with `flip` (original, mirrored)."""
+                     boundary: bool = False, desc: str = "encoding images"):
+    """-> (features V x N x D fp16, {index: error}). V is 2 with `flip` (original, mirrored).
+
+    `boundary`: V x N x C x h x w activations at `Encoder.boundary` instead of pooled features."""
     device = torch.device(device)
     encoder = encoder.to(device).eval()
+    run = encoder.boundary if boundary else encoder
     views = 2 if flip else 1
-    out = torch.zeros(views, len(paths), encoder.feature_dim, dtype=torch.float16)
+    size = encoder.transform.size
+    shape = run(torch.zeros(1, 3, size, size, device=device)).shape[1:]
+    out = torch.zeros(views, len(paths), *shape, dtype=torch.float16)
     errors: dict[int, str] = {}
     with tqdm(total=len(paths), desc=desc, unit="img") as bar:
         for indices, pixels, bad in image_batches(paths, encoder.transform, batch_size, workers, flip,
@@ -47,22 +59,23 @@ def compute_features(encoder: Encoder, paths: list[Path], *, flip: bool = False,
             if indices:
                 x = pixels.to(device, non_blocking=True).flatten(0, 1)
                 with autocast(device, precision):
-                    feats = encoder(x).float()
-                out[:, indices] = feats.view(views, len(indices), -1).half().cpu()
+                    feats = run(x).float()
+                out[:, indices] = feats.reshape(views, len(indices), *shape).half().cpu()
             bar.update(len(indices) + len(bad))
     return out, errors
 
 
 def cached_features(encoder: Encoder, paths: list[Path], cache_dir: str | Path, *, flip: bool = False,
                     batch_size: int = 64, workers: int = 1, device: str | torch.device = "cpu",
-                    precision: str = "auto"):
+                    precision: str = "auto", boundary: bool = False):
     """Loads features for `paths` from the cache, computing and storing them on a miss.
 
     -> (features V x N x D fp16, {index: error}, cache file path)
     """
-    key = cache_key(encoder, paths, flip, torch.device(device), precision)
+    key = cache_key(encoder, paths, flip, torch.device(device), precision, boundary)
     cache_dir = Path(cache_dir)
-    path = cache_dir / f"features-{encoder.name}-{key}.safetensors"
+    kind = f"activations-{len(encoder.blocks) - encoder.trainable_blocks}blocks" if boundary else "features"
+    path = cache_dir / f"{kind}-{encoder.name}-{key}.safetensors"
     if path.is_file():
         try:
             stored = load_file(str(path))
@@ -71,7 +84,7 @@ def cached_features(encoder: Encoder, paths: list[Path], cache_dir: str | Path, 
         except Exception as err:  # a torn or foreign file: recompute rather than fail
             print(f"feature cache {path} unreadable ({err}); recomputing")
     features, errors = compute_features(encoder, paths, flip=flip, batch_size=batch_size, workers=workers,
-                                        device=device, precision=precision)
+                                        device=device, precision=precision, boundary=boundary)
     cache_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
     os.close(fd)

@@ -27,10 +27,9 @@ from tqdm.auto import tqdm
 from .checkpoint import load_checkpoint, resolve_directory, save_checkpoint
 from .datasets import CaptionDataset, load_dataset
 from .decoder import CaptionDecoder, DecoderConfig, build_decoder, caption_loss
-from .encoders import build_encoder
-from .features import cached_features, compute_features
+from .encoders import Encoder, build_encoder
+from .features import cached_features
 from .runtime import autocast, autocast_dtype
-from .images import image_batches
 from . import decoding
 from .metrics import caption_stats, score_captions
 from .vocab import END, Vocabulary, detokenize
@@ -85,11 +84,12 @@ class TrainConfig:
     scheduled_sampling: float = 0.0  # probability of feeding the model's own prediction instead of the truth
     patience: int = 4  # epochs without a better validation CIDEr before stopping
     seed: int = 0
-    # optional phase 2: fine-tune the encoder's last blocks with the decoder, reading images
+    # optional phase 2: fine-tune the encoder's last blocks with the decoder, from activations cached
+    # where the frozen blocks end; warmup then cosine over its own epochs
     finetune_blocks: int = 0  # 0: no fine-tuning phase
-    finetune_epochs: int = 2
-    finetune_lr: float = 1e-5  # encoder blocks
-    finetune_decoder_lr: float = 5e-5
+    finetune_epochs: int = 4
+    finetune_lr: float = 1e-4  # peak, encoder blocks
+    finetune_decoder_lr: float = 1e-4  # peak, decoder
     # decoding for validation (greedy, every epoch) and the final test report
     max_length: int = 20
     eval_beam_size: int = 3
@@ -175,6 +175,28 @@ def learning_rate(config: TrainConfig, step: int, total_steps: int, plateau_scal
     progress = min(1.0, step / max(1, total_steps))
     cosine = config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return config.lr * warm * cosine
+
+
+def shuffled_batches(count: int, views: int, batch_size: int, generator: torch.Generator, rank: int = 0,
+                     world: int = 1):
+    """One epoch over `count` captions in random order: batches of caption indices, each caption with
+    the image view (original or mirrored) it trains on. Each of `world` processes takes its share."""
+    order = torch.randperm(count, generator=generator)
+    view_of = torch.randint(views, (count,), generator=generator)
+    for local_step in range(count // (batch_size * world)):
+        start = (local_step * world + rank) * batch_size
+        picked = order[start:start + batch_size]
+        yield picked, view_of[picked]
+
+
+def optimization_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                      clip_norm: float) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], clip_norm)
+    scaler.step(optimizer)
+    scaler.update()
 
 
 def mix_predictions(decoder, features, captions, lengths, probability: float, generator: torch.Generator):
@@ -269,7 +291,9 @@ def validate(decoder, features, records, vocab, device, config: TrainConfig) -> 
 # -- the loop ---------------------------------------------------------------------------------
 
 def prepare(config: TrainConfig, device: torch.device):
-    """Dataset, vocabulary, encoder and cached features for the train and val splits."""
+    """Dataset, vocabulary, encoder and cached features for the train and val splits. Also returns the
+    cache's arguments and `split` (cached tensor -> its train and val parts), so that fine-tuning
+    caches and splits its activations the same way."""
     dataset = load_dataset(config.dataset, config.images or None, config.format or None, strict=config.strict)
     _log(dataset.summary())
     train_records, val_records = dataset.split("train"), dataset.split("val")
@@ -285,10 +309,10 @@ def prepare(config: TrainConfig, device: torch.device):
     rank, _ = _world()
     if rank != 0:
         _barrier()  # rank 0 fills the cache first
-    features, errors, cache_path = cached_features(encoder, paths, Path(config.cache_dir).expanduser(),
-                                                   flip=config.flip, batch_size=config.encode_batch_size,
-                                                   workers=config.workers, device=device,
-                                                   precision=config.precision)
+    cache = dict(paths=paths, cache_dir=Path(config.cache_dir).expanduser(), flip=config.flip,
+                 batch_size=config.encode_batch_size, workers=config.workers, device=device,
+                 precision=config.precision)
+    features, errors, cache_path = cached_features(encoder, **cache)
     if rank == 0:
         _barrier()
     _log(f"features: {tuple(features.shape)} from {cache_path}")
@@ -297,16 +321,20 @@ def prepare(config: TrainConfig, device: torch.device):
         _log(f"  unreadable image skipped: {message}")
     index = {str(p): i for i, p in enumerate(paths)}
 
-    def take(records):
-        kept = [r for r in records if str(r.image) not in bad]
-        return kept, features[:, [index[str(r.image)] for r in kept]]
+    train_records = [r for r in train_records if str(r.image) not in bad]
+    val_records = [r for r in val_records if str(r.image) not in bad]
+    train_index = [index[str(r.image)] for r in train_records]
+    val_index = [index[str(r.image)] for r in val_records]
 
-    train_records, train_features = take(train_records)
-    val_records, val_features = take(val_records)
+    def split(cached: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return cached[:, train_index], cached[:, val_index]
+
     vocab = Vocabulary.build((c for r in train_records for c in r.captions), config.min_count,
                              config.max_vocab or None)
     _log(f"vocabulary: {len(vocab):,} words (min_count {config.min_count})")
-    return dataset, encoder, vocab, (train_records, train_features), (val_records, val_features)
+    train_features, val_features = split(features)
+    return (dataset, encoder, vocab, (train_records, train_features), (val_records, val_features), cache,
+            split)
 
 
 def train(config: TrainConfig, resume: bool = False) -> Path:
@@ -317,7 +345,8 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "recipe.json").write_text(json.dumps(dataclasses.asdict(config), indent=1), encoding="utf-8")
-    dataset, encoder, vocab, (train_records, train_features), (val_records, val_features) = prepare(config, device)
+    (dataset, encoder, vocab, (train_records, train_features), (val_records, val_features), cache,
+     split) = prepare(config, device)
 
     owners, captions = encode_captions(train_records, vocab, config.max_caption_length)
     # Seeded here, after feature extraction, which draws from the RNG only on a cache miss.
@@ -360,16 +389,13 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
 
     for epoch in range(progress["epoch"] + 1, config.epochs + 1):
         generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
-        order = torch.randperm(len(captions), generator=generator)
-        view_of = torch.randint(views, (len(captions),), generator=generator)
         model.train()
         total_loss, seen = 0.0, 0
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{config.epochs}", disable=rank != 0, unit="batch")
-        for local_step in bar:
-            batch_index = local_step * world + rank
-            picked = order[batch_index * config.batch_size:(batch_index + 1) * config.batch_size]
+        bar = tqdm(shuffled_batches(len(captions), views, config.batch_size, generator, rank, world),
+                   total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", disable=rank != 0, unit="batch")
+        for local_step, (picked, view) in enumerate(bar):
             tokens, lengths = pad_batch([captions[i] for i in picked.tolist()])
-            feats = train_features[view_of[picked], owners[picked]].to(device).float()
+            feats = train_features[view, owners[picked]].to(device).float()
             tokens = inputs = tokens.to(device)
             if config.scheduled_sampling > 0:
                 inputs = mix_predictions(decoder, feats, tokens, lengths, config.scheduled_sampling, generator)
@@ -379,12 +405,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
             with autocast(device, config.precision):
                 logits = model(feats, inputs, lengths)
             loss = caption_loss(logits.float(), tokens, config.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(decoder.parameters(), config.clip_norm)
-            scaler.step(optimizer)
-            scaler.update()
+            optimization_step(loss, optimizer, scaler, config.clip_norm)
             if ema is not None:
                 ema.update_parameters(decoder)
             progress["step"] += 1
@@ -431,7 +452,8 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     if config.finetune_blocks and config.finetune_epochs:
         if world > 1:
             raise ValueError("the fine-tuning phase runs in one process; start it without torchrun")
-        finetune(config, best_dir, train_records, val_records, vocab, device, metrics_path, progress["epoch"])
+        finetune(config, encoder, best_dir, cache, split, train_records, val_records, vocab, device, metrics_path,
+                 progress["epoch"])
     if rank == 0 and config.test_report and dataset.split("test"):
         report_test(config, best_dir, out / "test")
     if dist.is_initialized():
@@ -439,72 +461,86 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     return best_dir
 
 
-def finetune(config: TrainConfig, best_dir: Path, train_records, val_records, vocab: Vocabulary, device: torch.device,
-             metrics_path: Path, epochs_done: int) -> None:
-    """Phase 2: unfreeze the encoder's last `finetune_blocks` blocks and train them with the decoder at
-    small learning rates, reading images (the cache holds frozen features only). `best/` is replaced
-    only when validation CIDEr improves on phase 1's best."""
-    encoder, decoder, _, transform, saved = load_checkpoint(best_dir, device)
+def finetune(config: TrainConfig, encoder: Encoder, best_dir: Path, cache: dict, split, train_records, val_records,
+             vocab: Vocabulary, device: torch.device, metrics_path: Path, epochs_done: int) -> None:
+    """Phase 2: unfreeze the encoder's last `finetune_blocks` blocks and train them with phase 1's best
+    decoder, warmup then cosine from small learning rates. The frozen blocks' output is computed once
+    and cached (their input never changes), so an epoch costs about what a phase-1 epoch does instead
+    of a pass of the whole CNN over every image. `best/` is replaced only when validation CIDEr
+    improves on phase 1's best."""
+    _, decoder, _, _, saved = load_checkpoint(best_dir, device)
     best_cider = saved["training"]["val_CIDEr"]
+    encoder = encoder.to(device)
     encoder.set_trainable_blocks(config.finetune_blocks)
+    activations, _, cache_path = cached_features(encoder, **cache, boundary=True)
+    _log(f"activations at the frozen boundary: {tuple(activations.shape)} from {cache_path}")
+    train_activations, val_activations = split(activations)
+    del activations
+    owners, captions = encode_captions(train_records, vocab, config.max_caption_length)
     optimizer = torch.optim.AdamW([
         {"params": [p for p in encoder.parameters() if p.requires_grad], "lr": config.finetune_lr},
         {"params": list(decoder.parameters()), "lr": config.finetune_decoder_lr},
     ], weight_decay=config.weight_decay)
-    owners, captions = encode_captions(train_records, vocab, config.max_caption_length)
-    per_image: dict[int, list[list[int]]] = {}
-    for owner, ids in zip(owners.tolist(), captions):
-        per_image.setdefault(owner, []).append(ids)
-    trainable = sorted(per_image)
-    generator = torch.Generator().manual_seed(config.seed + 1)
-    pinned = device.type == "cuda"
+    peak_lrs = [group["lr"] for group in optimizer.param_groups]
+    # learning_rate() of this gives the schedule as a multiplier of each group's peak
+    schedule = dataclasses.replace(config, lr=1.0, schedule="cosine", epochs=config.finetune_epochs)
+    scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype(device, config.precision) == torch.float16)
+    steps_per_epoch = len(captions) // config.batch_size
+    total_steps, step = steps_per_epoch * config.finetune_epochs, 0
     started = time.time()
     for k in range(1, config.finetune_epochs + 1):
-        order = [trainable[i] for i in torch.randperm(len(trainable), generator=generator).tolist()]
+        generator = torch.Generator().manual_seed(config.seed * 100_003 + epochs_done + k)
         encoder.train()
         decoder.train()
         total, seen = 0.0, 0
-        batches = image_batches([train_records[i].image for i in order], transform, config.batch_size, config.workers,
-                                pin_memory=pinned)
-        for indices, pixels, _ in tqdm(batches, total=math.ceil(len(order) / config.batch_size),
-                                       desc=f"fine-tune {k}/{config.finetune_epochs}", unit="batch"):
-            if not indices:
-                continue
-            x = pixels[0].to(device, non_blocking=True)
-            mirror = torch.rand(len(indices), generator=generator) < 0.5
-            x[mirror.to(device)] = x[mirror.to(device)].flip(-1)
-            picks = [per_image[order[i]][int(torch.randint(len(per_image[order[i]]), (1,), generator=generator))]
-                     for i in indices]
-            tokens, lengths = pad_batch(picks)
+        bar = tqdm(shuffled_batches(len(captions), train_activations.size(0), config.batch_size, generator),
+                   total=steps_per_epoch, desc=f"fine-tune {k}/{config.finetune_epochs}", unit="batch")
+        for picked, view in bar:
+            tokens, lengths = pad_batch([captions[i] for i in picked.tolist()])
             tokens = tokens.to(device)
+            x = train_activations[view, owners[picked]].to(device).float()
+            scale = learning_rate(schedule, step, total_steps, 1.0)
+            for group, peak in zip(optimizer.param_groups, peak_lrs):
+                group["lr"] = peak * scale
             with autocast(device, config.precision):
-                logits = decoder(encoder(x).float(), tokens, lengths)
+                logits = decoder(encoder.from_boundary(x).float(), tokens, lengths)
             loss = caption_loss(logits.float(), tokens, config.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config.clip_norm)
-            optimizer.step()
-            total += loss.item() * len(indices)
-            seen += len(indices)
-        val_features, _ = compute_features(encoder, [r.image for r in val_records], batch_size=config.encode_batch_size,
-                                           workers=config.workers, device=device, precision=config.precision,
-                                           desc="encoding val images")
-        val = validate(decoder, val_features[0], val_records, vocab, device, config)
+            optimization_step(loss, optimizer, scaler, config.clip_norm)
+            step += 1
+            total += loss.item() * len(picked)
+            seen += len(picked)
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{total / seen:.3f}")
+        bar.close()
+        val = validate(decoder, pooled_from_boundary(encoder, val_activations[0], device, config.precision),
+                       val_records, vocab, device, config)
         improved = val["CIDEr"] > best_cider
         if improved:
             best_cider = val["CIDEr"]
             training = dict(saved["training"], val_CIDEr=round(best_cider, 2), finetune_epoch=k,
                             finetune_seconds=round(time.time() - started, 1))
-            save_checkpoint(best_dir, encoder=encoder, decoder=decoder, vocab=vocab, transform=transform,
+            save_checkpoint(best_dir, encoder=encoder, decoder=decoder, vocab=vocab, transform=encoder.transform,
                             training=training)
         record = {"epoch": epochs_done + k, "phase": "finetune", "train_loss": total / max(1, seen),
-                  "val_BLEU-4": val["BLEU-4"], "val_CIDEr": val["CIDEr"], "val_distinct_words": val["distinct_words"],
-                  "val_cut_mid_phrase": val["cut_mid_phrase"], "elapsed_s": round(time.time() - started, 1)}
+                  "lr": config.finetune_decoder_lr * scale, "val_BLEU-4": val["BLEU-4"], "val_CIDEr": val["CIDEr"],
+                  "val_distinct_words": val["distinct_words"], "val_cut_mid_phrase": val["cut_mid_phrase"],
+                  "elapsed_s": round(time.time() - started, 1)}
         with metrics_path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         plot_curves(metrics_path, metrics_path.parent / "curves.png")
         _log(f"fine-tune epoch {k}: loss {record['train_loss']:.3f}  val BLEU-4 {val['BLEU-4']:.2f}  "
-             f"CIDEr {val['CIDEr']:.2f}" + ("  (best)" if improved else ""))
+             f"CIDEr {val['CIDEr']:.2f}  words {val['distinct_words']}" + ("  (best)" if improved else ""))
+
+
+@torch.inference_mode()
+def pooled_from_boundary(encoder: Encoder, activations: torch.Tensor, device: torch.device, precision: str,
+                         batch_size: int = 250) -> torch.Tensor:
+    encoder.eval()
+    pooled = []
+    for start in range(0, len(activations), batch_size):
+        with autocast(device, precision):
+            pooled.append(encoder.from_boundary(activations[start:start + batch_size].to(device).float()).float())
+    return torch.cat(pooled)
 
 
 def report_test(config: TrainConfig, best_dir: Path, out_dir: Path, dtype: torch.dtype = torch.float32) -> dict:

@@ -13,7 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from captioner import Captioner
-from captioner.training import TrainConfig, train
+from captioner.encoders import build_encoder
+from captioner.features import compute_features
+from captioner.training import TrainConfig, pooled_from_boundary, train
 
 from conftest import SCENES, draw_scene
 
@@ -148,10 +150,32 @@ def test_shipped_recipes_parse():
         TrainConfig.from_toml(recipe)
 
 
-def test_fine_tuning_phase_reads_images_and_trains_the_last_blocks(tiny_dataset, tmp_path, capfd):
+def test_fine_tuning_phase_trains_the_last_blocks_from_cached_boundary_activations(tiny_dataset, tmp_path, capfd):
     train(tiny_config(tiny_dataset, tmp_path, epochs=2, finetune_blocks=2, finetune_epochs=1, finetune_lr=1e-3,
                       finetune_decoder_lr=1e-3, batch_size=2))
     out = capfd.readouterr()
     assert "fine-tune epoch 1:" in out.out and "fine-tune 1/1" in out.err
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r.get("phase", "decoder") for r in rows] == ["decoder", "decoder", "finetune"]
+    # Lite0 has 18 blocks: the cache holds the output of the first 16, both views of all 8 images
+    [cached] = (tmp_path / "cache").glob("activations-16blocks-*.safetensors")
+    assert load_file(cached)["features"].shape == (2, 8, 192, 7, 7)
+
+
+def test_cached_boundary_activations_give_what_the_images_give_after_the_blocks_change(tmp_path):
+    encoder = build_encoder("efficientnet_lite0", trainable_blocks=3)
+    paths = []
+    for name, _, _ in SCENES[:3]:
+        paths.append(tmp_path / f"{name}.jpg")
+        draw_scene(name).save(paths[-1])
+    activations, _ = compute_features(encoder, paths, flip=True, boundary=True, workers=0, precision="fp32")
+    with torch.no_grad():  # what fine-tuning does to the trainable blocks, after the cache was made
+        for block in encoder.blocks[-3:]:
+            for p in block.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+    from_images, _ = compute_features(encoder, paths, flip=True, workers=0, precision="fp32")
+    for view in (0, 1):
+        from_cache = pooled_from_boundary(encoder, activations[view], torch.device("cpu"), "fp32")
+        assert torch.allclose(from_cache, from_images[view].float(), rtol=2e-2, atol=2e-2)
+    frozen, _ = compute_features(build_encoder("efficientnet_lite0"), paths, workers=0, precision="fp32")
+    assert not torch.allclose(from_images[0].float(), frozen[0].float(), rtol=2e-2, atol=2e-2)
