@@ -74,7 +74,7 @@ def cached_features(encoder: Encoder, paths: list[Path], cache_dir: str | Path, 
     """
     key = cache_key(encoder, paths, flip, torch.device(device), precision, boundary)
     cache_dir = Path(cache_dir)
-    kind = f"activations-{len(encoder.blocks) - encoder.trainable_blocks}blocks" if boundary else "features"
+    kind = f"activations-{encoder.frozen_blocks}blocks" if boundary else "features"
     path = cache_dir / f"{kind}-{encoder.name}-{key}.safetensors"
     if path.is_file():
         try:
