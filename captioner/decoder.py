@@ -1,4 +1,9 @@
-"""The caption decoder: image features -> W_ih -> LSTM -> word logits (Show and Tell, CS231n lecture 10)."""
+"""The caption decoder: image features -> W_ih -> LSTM -> word logits (Show and Tell, CS231n lecture 10).
+
+With `attention_dim` the decoder takes the encoder's spatial map instead of pooled features: W_ih
+still starts the LSTM from the pooled map, and at every word the LSTM's output also looks over the
+map's regions (spatial attention after the LSTM, Lu et al. 2017), so the fused LSTM still runs the
+whole caption at once in training."""
 
 from __future__ import annotations
 
@@ -20,13 +25,16 @@ class DecoderConfig:
     embed_dim: int = 512
     hidden_dim: int = 512
     num_layers: int = 1
-    dropout: float = 0.5  # on word embeddings and LSTM outputs (and between LSTM layers)
+    dropout: float = 0.5  # on word embeddings, LSTM outputs, attention regions (and between LSTM layers)
     feature_dropout: float = 0.0  # on the image features before W_ih
     # Where W_ih puts the image: the LSTM's initial (h, c) of every layer, its first input step, or both.
     image_feed: str = "state"
     tie_weights: bool = False
     # Decoders trained side by side on the same features; decoding averages their word probabilities.
     members: int = 1
+    # > 0: attend over the spatial map's regions through this many units (the decoder then takes
+    # B x C x h x w maps instead of B x C pooled features).
+    attention_dim: int = 0
 
     def __post_init__(self):
         if self.image_feed not in IMAGE_FEEDS:
@@ -35,9 +43,37 @@ class DecoderConfig:
             raise ValueError("num_layers must be at least 1")
         if self.members < 1:
             raise ValueError("members must be at least 1")
+        if self.attention_dim < 0:
+            raise ValueError("attention_dim must be 0 (no attention) or positive")
+
+    @property
+    def takes_map(self) -> bool:
+        """Whether the decoder reads the encoder's spatial map rather than its pooled features."""
+        return self.attention_dim > 0
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+class SpatialAttention(nn.Module):
+    """Additive attention of one hidden state over the image regions; the regions' weighted sum
+    joins the hidden state before the output layer."""
+
+    def __init__(self, feature_dim: int, hidden_dim: int, attention_dim: int):
+        super().__init__()
+        self.regions = nn.Linear(feature_dim, attention_dim)
+        self.query = nn.Linear(hidden_dim, attention_dim)
+        self.score = nn.Linear(attention_dim, 1, bias=False)
+        self.context = nn.Linear(attention_dim, hidden_dim)
+
+    def memory(self, fmap: torch.Tensor) -> torch.Tensor:
+        """B x C x h x w map -> B x (h*w) x A projected regions, computed once per image."""
+        return self.regions(fmap.flatten(2).transpose(1, 2))
+
+    def forward(self, hidden: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        """hidden N x H, memory N x L x A -> N x H."""
+        weights = self.score(torch.tanh(memory + self.query(hidden)[:, None])).squeeze(-1).softmax(-1)
+        return hidden + self.context(torch.bmm(weights[:, None], memory)[:, 0])
 
 
 class CaptionDecoder(nn.Module):
@@ -58,10 +94,16 @@ class CaptionDecoder(nn.Module):
         self.classifier = nn.Linear(c.embed_dim if c.tie_weights else c.hidden_dim, c.vocab_size)
         if c.tie_weights:
             self.classifier.weight = self.embed.weight
+        self.attention = SpatialAttention(c.feature_dim, c.hidden_dim, c.attention_dim) if c.takes_map else None
 
     def _project(self, features: torch.Tensor):
-        """-> (h0, c0) each layers x B x H, and the image input step (B x 1 x E) or None."""
+        """-> (h0, c0) each layers x B x H, the image input step (B x 1 x E) or None, and the
+        attention memory (B x L x A) or None."""
         c = self.config
+        memory = None
+        if self.attention is not None:
+            memory = self.dropout(self.attention.memory(features))
+            features = features.mean(dim=(2, 3))
         projected = self.w_ih(self.feature_dropout(features))
         batch = features.size(0)
         if self.feeds_state:
@@ -70,9 +112,11 @@ class CaptionDecoder(nn.Module):
         else:
             h0 = c0 = features.new_zeros(c.num_layers, batch, c.hidden_dim)
         image_step = projected[:, -c.embed_dim:].unsqueeze(1) if self.feeds_input else None
-        return (h0, c0), image_step
+        return (h0, c0), image_step, memory
 
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def _logits(self, hidden: torch.Tensor, memory: torch.Tensor | None) -> torch.Tensor:
+        if self.attention is not None:
+            hidden = self.attention(hidden, memory)
         hidden = self.dropout(hidden)
         if self.out_proj is not None:
             hidden = self.out_proj(hidden)
@@ -81,7 +125,7 @@ class CaptionDecoder(nn.Module):
     def forward(self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Teacher forcing. `captions` is B x T (<start> ... <end>, 0-padded), `lengths` counts both
         specials. Returns B x (T-1) x V logits aligned with `captions[:, 1:]`; padded steps are 0."""
-        state, image_step = self._project(features)
+        state, image_step, memory = self._project(features)
         inputs = self.dropout(self.embed(captions[:, :-1]))
         steps = lengths.cpu() - 1
         if image_step is not None:
@@ -95,20 +139,26 @@ class CaptionDecoder(nn.Module):
         # The vocabulary projection is the costliest layer: run it on real tokens only.
         real = torch.arange(out.size(1), device=out.device) < (lengths.to(out.device) - 1)[:, None]
         logits = out.new_zeros(*out.shape[:2], self.config.vocab_size)
-        logits[real] = self._logits(out[real]).to(logits.dtype)
+        if memory is not None:
+            memory = memory[real.nonzero()[:, 0]]  # each real token's own image
+        logits[real] = self._logits(out[real], memory).to(logits.dtype)
         return logits
 
     def start(self, features: torch.Tensor):
-        """The LSTM state after seeing the image, ready for the <start> token."""
-        state, image_step = self._project(features)
+        """The decoding state after seeing the image, ready for the <start> token: the LSTM's (h, c)
+        and the attention memory (or None). Every tensor in it has the batch on dim 1, so decoding
+        reorders them all alike; the memory is kept as L x B x A for that."""
+        state, image_step, memory = self._project(features)
         if image_step is not None:
             _, state = self.lstm(image_step, state)
-        return state
+        return state, None if memory is None else memory.transpose(0, 1)
 
     def step(self, tokens: torch.Tensor, state):
         """One decoding step for a batch of tokens (N,) -> (logits N x V, new state)."""
-        out, state = self.lstm(self.embed(tokens).unsqueeze(1), state)
-        return self._logits(out[:, 0]), state
+        lstm_state, memory = state
+        out, lstm_state = self.lstm(self.embed(tokens).unsqueeze(1), lstm_state)
+        logits = self._logits(out[:, 0], None if memory is None else memory.transpose(0, 1))
+        return logits, (lstm_state, memory)
 
 
 class DecoderEnsemble(nn.Module):

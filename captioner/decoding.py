@@ -35,8 +35,11 @@ class Caption:
 
 
 def map_state(fn, state):
-    """Applies `fn` to every tensor of a decoder state: (h, c), or nested tuples of them for an ensemble."""
-    return fn(state) if isinstance(state, torch.Tensor) else tuple(map_state(fn, s) for s in state)
+    """Applies `fn` to every tensor of a decoder state (nested tuples of tensors, and None for a part
+    a decoder does not have)."""
+    if state is None or isinstance(state, torch.Tensor):
+        return state if state is None else fn(state)
+    return tuple(map_state(fn, s) for s in state)
 
 
 def _log_probs(decoder: CaptionDecoder, tokens: torch.Tensor, state, step: int):

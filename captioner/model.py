@@ -87,7 +87,7 @@ class Captioner:
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         pixels = pixels.to(self.device, non_blocking=True)
         with autocast(self.device, self.precision):
-            return self.encoder(pixels).float()
+            return self.encoder(pixels, spatial=self.decoder.config.takes_map).float()
 
     def decode(self, features: torch.Tensor, method: str = "greedy", *, seeds: Sequence[int] | None = None,
                beam_size: int = 3, length_penalty: float = 0.0, no_repeat_ngram_size: int = 0,

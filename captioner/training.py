@@ -70,6 +70,7 @@ class TrainConfig:
     image_feed: str = "state"
     tie_weights: bool = False
     members: int = 1  # an ensemble of decoders trained side by side
+    attention_dim: int = 0  # > 0: the decoder also attends over the encoder's spatial map (cached instead)
     # optimisation
     epochs: int = 20
     batch_size: int = 64
@@ -116,7 +117,8 @@ class TrainConfig:
 
     def decoder_config(self, feature_dim: int, vocab_size: int) -> DecoderConfig:
         return DecoderConfig(feature_dim, vocab_size, self.embed_dim, self.hidden_dim, self.num_layers, self.dropout,
-                             self.feature_dropout, self.image_feed, self.tie_weights, self.members)
+                             self.feature_dropout, self.image_feed, self.tie_weights, self.members,
+                             self.attention_dim)
 
 
 # -- distributed helpers: a no-op unless started by torchrun ------------------------------------
@@ -312,7 +314,8 @@ def prepare(config: TrainConfig, device: torch.device):
     cache = dict(paths=paths, cache_dir=Path(config.cache_dir).expanduser(), flip=config.flip,
                  batch_size=config.encode_batch_size, workers=config.workers, device=device,
                  precision=config.precision)
-    features, errors, cache_path = cached_features(encoder, **cache)
+    # An attention decoder reads the whole map: the activations after all blocks, cached as such.
+    features, errors, cache_path = cached_features(encoder, **cache, boundary=config.attention_dim > 0)
     if rank == 0:
         _barrier()
     _log(f"features: {tuple(features.shape)} from {cache_path}")
@@ -503,7 +506,7 @@ def finetune(config: TrainConfig, encoder: Encoder, best_dir: Path, cache: dict,
             for group, peak in zip(optimizer.param_groups, peak_lrs):
                 group["lr"] = peak * scale
             with autocast(device, config.precision):
-                logits = decoder(encoder.from_boundary(x).float(), tokens, lengths)
+                logits = decoder(encoder.from_boundary(x, config.attention_dim > 0).float(), tokens, lengths)
             loss = caption_loss(logits.float(), tokens, config.label_smoothing)
             optimization_step(loss, optimizer, scaler, config.clip_norm)
             step += 1
@@ -512,7 +515,7 @@ def finetune(config: TrainConfig, encoder: Encoder, best_dir: Path, cache: dict,
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{total / seen:.3f}")
         bar.close()
-        val = validate(decoder, pooled_from_boundary(encoder, val_activations[0], device, config.precision),
+        val = validate(decoder, features_from_boundary(encoder, val_activations[0], device, config),
                        val_records, vocab, device, config)
         improved = val["CIDEr"] > best_cider
         if improved:
@@ -533,14 +536,16 @@ def finetune(config: TrainConfig, encoder: Encoder, best_dir: Path, cache: dict,
 
 
 @torch.inference_mode()
-def pooled_from_boundary(encoder: Encoder, activations: torch.Tensor, device: torch.device, precision: str,
-                         batch_size: int = 250) -> torch.Tensor:
+def features_from_boundary(encoder: Encoder, activations: torch.Tensor, device: torch.device, config: TrainConfig,
+                           batch_size: int = 250) -> torch.Tensor:
+    """What the decoder reads (pooled features or maps) for cached boundary activations."""
     encoder.eval()
-    pooled = []
+    features = []
     for start in range(0, len(activations), batch_size):
-        with autocast(device, precision):
-            pooled.append(encoder.from_boundary(activations[start:start + batch_size].to(device).float()).float())
-    return torch.cat(pooled)
+        with autocast(device, config.precision):
+            x = activations[start:start + batch_size].to(device).float()
+            features.append(encoder.from_boundary(x, config.attention_dim > 0).float())
+    return torch.cat(features)
 
 
 def report_test(config: TrainConfig, best_dir: Path, out_dir: Path, dtype: torch.dtype = torch.float32) -> dict:

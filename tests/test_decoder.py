@@ -18,10 +18,46 @@ def test_shapes_for_every_image_feed(feed, layers):
     logits = decoder(features, captions, lengths)
     assert logits.shape == (2, 4, 30)
     state = decoder.start(features)
-    assert state[0].shape == (layers, 2, 12)
+    (h, c), memory = state
+    assert h.shape == c.shape == (layers, 2, 12) and memory is None
     step_logits, _ = decoder.step(torch.tensor([1, 1]), state)
     # the first teacher-forced step and the first decoding step see the same thing
     assert torch.allclose(step_logits, logits[:, 0], atol=1e-5)
+
+
+def test_attention_decoder_reads_the_map_and_looks_where_the_regions_differ():
+    torch.manual_seed(0)
+    decoder = CaptionDecoder(DecoderConfig(16, 30, embed_dim=8, hidden_dim=12, dropout=0.0,
+                                           attention_dim=6)).eval()
+    fmap, (_, captions, lengths) = torch.randn(2, 16, 3, 3), batch()
+    logits = decoder(fmap, captions, lengths)
+    assert logits.shape == (2, 4, 30)
+    (h, _), memory = decoder.start(fmap)
+    assert h.shape == (1, 2, 12) and memory.shape == (9, 2, 6)  # regions x batch x attention units
+    # a decoding step sees what the teacher-forced pass saw, image by image
+    step_logits, _ = decoder.step(torch.tensor([1, 1]), decoder.start(fmap))
+    assert torch.allclose(step_logits, logits[:, 0], atol=1e-5)
+    # moving content between regions keeps the pooled features (and so W_ih's initial state) but not
+    # what attention reads
+    shuffled = fmap.flatten(2)[:, :, torch.randperm(9)].view_as(fmap)
+    assert torch.allclose(decoder.start(shuffled)[0][0], h, atol=1e-6)
+    swapped = fmap.clone()
+    swapped[:, :, 0, 0], swapped[:, :, 2, 2] = fmap[:, :, 2, 2] * 3, fmap[:, :, 0, 0] * 3
+    swapped[:, :, 1, 1] = fmap[:, :, 1, 1] + (fmap[:, :, 0, 0] + fmap[:, :, 2, 2]) * -2  # same mean
+    assert torch.allclose(swapped.mean((2, 3)), fmap.mean((2, 3)), atol=1e-5)
+    assert not torch.allclose(decoder(swapped, captions, lengths), logits, atol=1e-4)
+
+
+def test_attention_decoder_decodes_in_batches_like_one_image_at_a_time():
+    from captioner.decoding import beam_search, greedy
+
+    torch.manual_seed(0)
+    decoder = CaptionDecoder(DecoderConfig(16, 30, embed_dim=8, hidden_dim=12, attention_dim=6)).eval()
+    fmaps = torch.randn(3, 16, 2, 2)
+    for method in (lambda x: greedy(decoder, x, max_length=8), lambda x: beam_search(decoder, x, 3, max_length=8)):
+        together = method(fmaps)
+        alone = [method(fmaps[i:i + 1])[0] for i in range(3)]
+        assert [[c.tokens for c in r] for r in together] == [[c.tokens for c in r] for r in alone]
 
 
 def test_the_image_changes_the_output():

@@ -54,4 +54,6 @@ def test_keep_freed_memory_stops_refaulting_big_blocks():
     faults = {mode: int(subprocess.run([sys.executable, "-c", PAGE_FAULTS, mode], capture_output=True, text=True,
                                        check=True).stdout) for mode in ("default", "tuned")}
     assert faults["default"] > 20 * 10_000  # each 64 MB block faulted in again: ~16k pages
-    assert faults["tuned"] < 1_000, faults
+    # Tuned, the freed blocks are reused. About one run in four the heap still grows once (a small
+    # allocation lands above the freed block), which faults one block's pages in, once.
+    assert faults["tuned"] < 2 * 16_384, faults

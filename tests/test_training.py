@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from captioner import Captioner
 from captioner.encoders import build_encoder
 from captioner.features import compute_features
-from captioner.training import TrainConfig, pooled_from_boundary, train
+from captioner.metrics import score_captions
+from captioner.training import TrainConfig, features_from_boundary, train
 
 from conftest import SCENES, draw_scene
 
@@ -69,6 +70,23 @@ def test_train_writes_checkpoints_logs_and_curves(tiny_dataset, tmp_path, capfd)
     assert captioner.config["training"]["train_images"] == 4
     assert captioner.config["transform"]["resize"] is None  # squashed, as recorded
     assert max(r["val_CIDEr"] for r in rows) > 100  # the small copies get their captions back
+
+
+def test_attention_decoder_trains_on_cached_maps_and_captions_through_the_pipeline(tiny_dataset, tmp_path):
+    best = train(tiny_config(tiny_dataset, tmp_path, epochs=12, attention_dim=16, test_report=False))
+    [cached] = (tmp_path / "cache").glob("activations-18blocks-*.safetensors")  # after all 18 of Lite0's blocks
+    assert load_file(cached)["features"].shape == (2, 8, 1280, 7, 7)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["val_CIDEr"] for r in rows) > 100
+    captioner = Captioner.from_pretrained(best, device="cpu")
+    assert captioner.decoder.config.attention_dim == 16
+    # JPEG -> map -> attention decoder through the public pipeline scores what validation scored
+    # from the cached maps
+    val_images = [str(tiny_dataset.parent / f"{name}_small.jpg") for name, _, _ in SCENES]
+    captions = [r.text for r in captioner.caption_paths(val_images, workers=0)]
+    references = {path: [caption] for path, (_, caption, _) in zip(val_images, SCENES)}
+    scores = score_captions(dict(zip(val_images, captions)), references, metrics=("cider",))
+    assert scores["CIDEr"] == pytest.approx(captioner.config["training"]["val_CIDEr"], abs=0.01)
 
 
 def test_second_run_reuses_the_feature_cache(tiny_dataset, tmp_path, capfd):
@@ -175,7 +193,8 @@ def test_cached_boundary_activations_give_what_the_images_give_after_the_blocks_
                 p.add_(torch.randn_like(p) * 0.05)
     from_images, _ = compute_features(encoder, paths, flip=True, workers=0, precision="fp32")
     for view in (0, 1):
-        from_cache = pooled_from_boundary(encoder, activations[view], torch.device("cpu"), "fp32")
+        from_cache = features_from_boundary(encoder, activations[view], torch.device("cpu"),
+                                            TrainConfig(precision="fp32"))
         assert torch.allclose(from_cache, from_images[view].float(), rtol=2e-2, atol=2e-2)
     frozen, _ = compute_features(build_encoder("efficientnet_lite0"), paths, workers=0, precision="fp32")
     assert not torch.allclose(from_images[0].float(), frozen[0].float(), rtol=2e-2, atol=2e-2)
