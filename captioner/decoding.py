@@ -37,8 +37,10 @@ class Caption:
 def map_state(fn, state):
     """Applies `fn` to every tensor of a decoder state (nested tuples of tensors, and None for a part
     a decoder does not have)."""
-    if state is None or isinstance(state, torch.Tensor):
-        return state if state is None else fn(state)
+    if state is None:
+        return None
+    if isinstance(state, torch.Tensor):
+        return fn(state)
     return tuple(map_state(fn, s) for s in state)
 
 

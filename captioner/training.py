@@ -506,7 +506,7 @@ def finetune(config: TrainConfig, encoder: Encoder, best_dir: Path, cache: dict,
             for group, peak in zip(optimizer.param_groups, peak_lrs):
                 group["lr"] = peak * scale
             with autocast(device, config.precision):
-                logits = decoder(encoder.from_boundary(x, config.attention_dim > 0).float(), tokens, lengths)
+                logits = decoder(encoder.from_boundary(x, decoder.config.takes_map).float(), tokens, lengths)
             loss = caption_loss(logits.float(), tokens, config.label_smoothing)
             optimization_step(loss, optimizer, scaler, config.clip_norm)
             step += 1
@@ -515,8 +515,9 @@ def finetune(config: TrainConfig, encoder: Encoder, best_dir: Path, cache: dict,
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{total / seen:.3f}")
         bar.close()
-        val = validate(decoder, features_from_boundary(encoder, val_activations[0], device, config),
-                       val_records, vocab, device, config)
+        val_features = features_from_boundary(encoder, val_activations[0], device, config.precision,
+                                              decoder.config.takes_map)
+        val = validate(decoder, val_features, val_records, vocab, device, config)
         improved = val["CIDEr"] > best_cider
         if improved:
             best_cider = val["CIDEr"]
@@ -536,15 +537,15 @@ def finetune(config: TrainConfig, encoder: Encoder, best_dir: Path, cache: dict,
 
 
 @torch.inference_mode()
-def features_from_boundary(encoder: Encoder, activations: torch.Tensor, device: torch.device, config: TrainConfig,
-                           batch_size: int = 250) -> torch.Tensor:
-    """What the decoder reads (pooled features or maps) for cached boundary activations."""
+def features_from_boundary(encoder: Encoder, activations: torch.Tensor, device: torch.device, precision: str,
+                           spatial: bool = False, batch_size: int = 250) -> torch.Tensor:
+    """What the decoder reads (pooled features, or maps with `spatial`) for cached boundary activations."""
     encoder.eval()
     features = []
     for start in range(0, len(activations), batch_size):
-        with autocast(device, config.precision):
+        with autocast(device, precision):
             x = activations[start:start + batch_size].to(device).float()
-            features.append(encoder.from_boundary(x, config.attention_dim > 0).float())
+            features.append(encoder.from_boundary(x, spatial).float())
     return torch.cat(features)
 
 
