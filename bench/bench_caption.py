@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=500)
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=None, help="default: the CLI's (0 on 2 cores or fewer)")
     parser.add_argument("--latency-runs", type=int, default=50)
     parser.add_argument("--precision", choices=PRECISIONS, default="auto")
     parser.add_argument("--default-malloc", action="store_true",

@@ -127,7 +127,7 @@ def _repair_and_read(path: Path, fmt: str) -> set[str]:
 
 
 def caption_files(captioner: Captioner, paths: list[str], writer: ResultWriter, *, method: str = "greedy",
-                  batch_size: int = 32, workers: int = 1, seed: int | None = None, errors_to: IO[str] | None = None,
+                  batch_size: int = 32, workers: int | None = None, seed: int | None = None, errors_to: IO[str] | None = None,
                   progress: bool = True, **options) -> tuple[int, int]:
     """Captions `paths` not already in `writer.done`; -> (captioned, failed)."""
     todo = [p for p in paths if p not in writer.done]
@@ -146,7 +146,7 @@ def caption_files(captioner: Captioner, paths: list[str], writer: ResultWriter, 
                 captioned += 1
                 writer.write(result)
             bar.update(1)
-            if bar.n % batch_size == 0 or bar.n == len(todo):
+            if (captioned + failed) % batch_size == 0:
                 writer.flush()
     finally:
         writer.flush()

@@ -171,8 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the built-in model)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=1,
-                   help="image-decoding processes (0: in this process, faster on 2 cores)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="image-decoding processes (default: 0, i.e. this process, on 2 cores or fewer; else 1)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (each file: seed + CRC32 of its path)")
     _add_device_options(p)
     _add_decoding_options(p)
@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test")
     p.add_argument("--out", default=None, help="folder for predictions.jsonl and scores.json")
     p.add_argument("--batch-size", type=int, default=50)
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workers", type=int, default=None, help="as for caption")
     p.add_argument("--limit", type=int, default=0, help="score only the first N images")
     _add_device_options(p)
     _add_decoding_options(p, default_method="beam")

@@ -71,28 +71,33 @@ def _collect(tokens: torch.Tensor, logps: torch.Tensor) -> list[Caption]:
 
 
 def _run(decoder: CaptionDecoder, features: torch.Tensor, max_length: int, choose) -> list[Caption]:
-    """Shared loop of greedy and sampling: `choose(logp, step)` picks one token per row."""
-    n = features.size(0)
+    """Shared loop of greedy and sampling: `choose(logp, step, rows)` picks one token for each of
+    `rows`, the sequences still running. A sequence leaves the batch once it has ended, so every
+    step costs only what is still being written."""
+    n, device = features.size(0), features.device
     state = decoder.start(features)
-    tokens = torch.full((n,), START, dtype=torch.long, device=features.device)
-    done = torch.zeros(n, dtype=torch.bool, device=features.device)
-    chosen, chosen_lp = [], []
+    rows = torch.arange(n, device=device)
+    tokens = torch.full((n,), START, dtype=torch.long, device=device)
+    chosen = torch.full((n, max_length), PAD, dtype=torch.long, device=device)
+    chosen_lp = torch.zeros(n, max_length, device=device)
     for t in range(max_length):
         logp, state = _log_probs(decoder, tokens, state, t)
-        tokens = choose(logp, t)
-        token_lp = logp.gather(1, tokens[:, None])[:, 0]
-        tokens = tokens.masked_fill(done, PAD)
-        chosen.append(tokens)
-        chosen_lp.append(token_lp.masked_fill(done, 0.0))
-        done |= tokens == END
-        if bool(done.all()):
-            break
-    return _collect(torch.stack(chosen, 1), torch.stack(chosen_lp, 1))
+        tokens = choose(logp, t, rows)
+        chosen[rows, t] = tokens
+        chosen_lp[rows, t] = logp.gather(1, tokens[:, None])[:, 0]
+        running = tokens != END
+        if not bool(running.all()):
+            if not bool(running.any()):
+                break
+            keep = running.nonzero()[:, 0]
+            rows, tokens = rows[keep], tokens[keep]
+            state = map_state(lambda s: s.index_select(1, keep), state)
+    return _collect(chosen[:, : t + 1], chosen_lp[:, : t + 1])
 
 
 @torch.inference_mode()
 def greedy(decoder: CaptionDecoder, features: torch.Tensor, max_length: int = 20) -> list[list[Caption]]:
-    return [[c] for c in _run(decoder, features, max_length, lambda logp, t: logp.argmax(-1))]
+    return [[c] for c in _run(decoder, features, max_length, lambda logp, t, rows: logp.argmax(-1))]
 
 
 def _filter_logits(logp: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -123,12 +128,12 @@ def sample(decoder: CaptionDecoder, features: torch.Tensor, *, seeds: list[int],
     ]).flatten(0, 1).to(features.device, torch.float64)
     expanded = features.repeat_interleave(num_samples, dim=0)
 
-    def choose(logp: torch.Tensor, t: int) -> torch.Tensor:
+    def choose(logp: torch.Tensor, t: int, rows: torch.Tensor) -> torch.Tensor:
         if temperature == 0:
             return logp.argmax(-1)
         probs = _filter_logits(logp, temperature, top_k, top_p).double().softmax(-1)
         cdf = probs.cumsum(-1)
-        picked = torch.searchsorted(cdf, (uniforms[:, t] * cdf[:, -1])[:, None])[:, 0]
+        picked = torch.searchsorted(cdf, (uniforms[rows, t] * cdf[:, -1])[:, None])[:, 0]
         return picked.clamp_(max=probs.size(-1) - 1)
 
     flat = _run(decoder, expanded, max_length, choose)

@@ -13,7 +13,7 @@ from .model import Captioner
 
 def evaluate(captioner: Captioner, dataset: str | Path, split: str = "test", *, images: str | None = None,
              format: str | None = None, method: str = "beam", out_dir: str | Path | None = None,
-             batch_size: int = 50, workers: int = 1, limit: int = 0, **options) -> dict:
+             batch_size: int = 50, workers: int | None = None, limit: int = 0, **options) -> dict:
     """-> scores (BLEU-1..4, METEOR, ROUGE-L, CIDEr) and caption stats; with `out_dir`, writes
     predictions.jsonl and scores.json there."""
     data = load_dataset(dataset, images, format)

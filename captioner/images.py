@@ -205,9 +205,18 @@ def collate_images(items):
     return [i for i, _ in good], pixels, errors
 
 
-def image_batches(sources: list[ImageInput], transform: ImageTransform, batch_size: int = 32, workers: int = 0,
-                  flip: bool = False, pin_memory: bool = False, max_pixels: int = MAX_IMAGE_PIXELS):
-    """Yields (indices, pixels, errors) batches in input order; decoding runs in `workers` processes."""
+def default_workers() -> int:
+    """Image-decoding processes for captioning files: none on a machine of 2 cores or fewer, where a
+    worker process competes with the model's own threads (26% slower here, bench/README.md)."""
+    return 0 if (os.cpu_count() or 1) <= 2 else 1
+
+
+def image_batches(sources: list[ImageInput], transform: ImageTransform, batch_size: int = 32,
+                  workers: int | None = 0, flip: bool = False, pin_memory: bool = False,
+                  max_pixels: int = MAX_IMAGE_PIXELS):
+    """Yields (indices, pixels, errors) batches in input order; decoding runs in `workers` processes
+    (None: `default_workers()`)."""
+    workers = default_workers() if workers is None else workers
     loader = torch.utils.data.DataLoader(
         ImageFiles(sources, transform, flip, max_pixels), batch_size=batch_size, num_workers=workers,
         collate_fn=collate_images, pin_memory=pin_memory, persistent_workers=False,

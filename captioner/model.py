@@ -131,12 +131,12 @@ class Captioner:
                 except ImageError as err:
                     results[i].error = str(err)
             if good:
-                self._caption_batch(torch.stack(pixels), good, results, method, [base_seed + i for i in good],
-                                    options)
+                self._caption_batch(self.encode(torch.stack(pixels)), good, results, method,
+                                    [base_seed + i for i in good], options)
         return results
 
-    def _caption_batch(self, pixels, indices, results, method, seeds, options) -> None:
-        per_image = self.decode(self.encode(pixels), method, seeds=seeds, **options)
+    def _caption_batch(self, features, indices, results, method, seeds, options) -> None:
+        per_image = self.decode(features, method, seeds=seeds, **options)
         for i, captions in zip(indices, per_image):
             results[i].captions = captions
 
@@ -154,27 +154,37 @@ class Captioner:
         return out[0] if single else out
 
     def caption_paths(self, paths: Iterable[str | Path], method: str = "greedy", *, batch_size: int = 32,
-                      workers: int = 1, seed: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS,
-                      **options) -> Iterator[ImageResult]:
-        """Captions files in order, decoding them in `workers` DataLoader processes while this one
-        runs the model. Yields one `ImageResult` per path, errors included, batch by batch.
+                      decode_batch_size: int = 256, workers: int | None = None, seed: int | None = None,
+                      max_pixels: int = MAX_IMAGE_PIXELS, **options) -> Iterator[ImageResult]:
+        """Captions files in order, decoding them in `workers` DataLoader processes (None: none on
+        2 cores or fewer, else one) while this one runs the model. Yields one `ImageResult` per path, errors included, group by group.
+        Images are encoded `batch_size` at a time and their features decoded at least
+        `decode_batch_size` at a time: every decoding step streams all of the decoder's weights, so
+        a step for 256 images costs little more than one for 32 (bench/README.md).
         Sampling seeds each file with `seed + CRC32(path)`: the same file samples the same captions
         whatever the batch size, the order, or a resumed run."""
         paths = [str(p) for p in paths]
         base_seed = self._base_seed(seed) if method == "sample" else 0
         batches = image_batches(paths, self.transform, batch_size, workers, pin_memory=self.device.type == "cuda",
                                 max_pixels=max_pixels)
+        results: dict[int, ImageResult] = {}
+        features, good = [], []
         offset = 0
-        for good, pixels, errors in batches:
-            count = len(good) + len(errors)
-            results = {i: ImageResult(paths[i]) for i in range(offset, offset + count)}
+        for batch_good, pixels, errors in batches:
+            count = len(batch_good) + len(errors)
+            results.update((i, ImageResult(paths[i])) for i in range(offset, offset + count))
             for i, message in errors.items():
                 results[i].error = message
-            if good:
-                seeds = [(base_seed + zlib.crc32(paths[i].encode())) % 2**63 for i in good]
-                self._caption_batch(pixels[0], good, results, method, seeds, options)
+            if batch_good:
+                features.append(self.encode(pixels[0]))
+                good += batch_good
             offset += count
-            yield from (results[i] for i in sorted(results))
+            if len(good) >= decode_batch_size or offset == len(paths):
+                if good:
+                    seeds = [(base_seed + zlib.crc32(paths[i].encode())) % 2**63 for i in good]
+                    self._caption_batch(torch.cat(features), good, results, method, seeds, options)
+                yield from (results[i] for i in sorted(results))
+                results, features, good = {}, [], []
 
 
 def _is_single(images) -> bool:

@@ -30,6 +30,7 @@ from .decoder import CaptionDecoder, DecoderConfig, build_decoder, caption_loss
 from .encoders import Encoder, build_encoder
 from .features import cached_features
 from .runtime import autocast, autocast_dtype
+from .self_critical import self_critical
 from . import decoding
 from .metrics import caption_stats, score_captions
 from .vocab import END, Vocabulary, detokenize
@@ -91,6 +92,11 @@ class TrainConfig:
     finetune_epochs: int = 4
     finetune_lr: float = 1e-4  # peak, encoder blocks
     finetune_decoder_lr: float = 1e-4  # peak, decoder
+    # optional last phase: self-critical sequence training on CIDEr-D (captioner/self_critical.py)
+    self_critical_epochs: int = 0  # 0: no self-critical phase
+    self_critical_lr: float = 5e-5  # peak, warmup then cosine
+    self_critical_samples: int = 5  # sampled captions per image; batch_size counts captions
+    self_critical_xe_weight: float = 0.1  # adds this times the cross-entropy of a true caption per image
     # decoding for validation (greedy, every epoch) and the final test report
     max_length: int = 20
     eval_beam_size: int = 3
@@ -189,6 +195,11 @@ def shuffled_batches(count: int, views: int, batch_size: int, generator: torch.G
         start = (local_step * world + rank) * batch_size
         picked = order[start:start + batch_size]
         yield picked, view_of[picked]
+
+
+def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    # fp16 gradients can underflow and need loss scaling; bf16 has fp32's range and does not
+    return torch.amp.GradScaler("cuda", enabled=autocast_dtype(device, precision) == torch.float16)
 
 
 def optimization_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
@@ -342,6 +353,9 @@ def prepare(config: TrainConfig, device: torch.device):
 
 def train(config: TrainConfig, resume: bool = False) -> Path:
     """Trains and returns the `best/` checkpoint directory."""
+    if config.self_critical_epochs and config.finetune_blocks:
+        raise ValueError("self_critical_epochs needs finetune_blocks = 0: the self-critical phase trains on the "
+                         "frozen encoder's cached features")
     rank, world = _world()
     device = _setup_device(config)
     out = Path(config.output)
@@ -385,8 +399,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
             metrics_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
     elif rank == 0:
         metrics_path.unlink(missing_ok=True)  # a fresh run starts a fresh log
-    # fp16 gradients can underflow and need loss scaling; bf16 has fp32's range and does not
-    scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype(device, config.precision) == torch.float16)
+    scaler = grad_scaler(device, config.precision)
     views = train_features.size(0)
     started = time.time()
 
@@ -435,16 +448,8 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
             save_checkpoint(last_dir, encoder=encoder, decoder=decoder, vocab=vocab, transform=encoder.transform,
                             training=summary, extra=_state_writer(optimizer, progress, ema))
             # Logged after the save: a line in metrics.jsonl means last/ holds that epoch.
-            record = {"epoch": epoch, "step": progress["step"], "train_loss": total_loss / max(1, seen), "lr": lr,
-                      "val_BLEU-4": val["BLEU-4"], "val_CIDEr": val["CIDEr"],
-                      "val_distinct_words": val["distinct_words"], "val_cut_mid_phrase": val["cut_mid_phrase"],
-                      "elapsed_s": round(time.time() - started, 1)}
-            with metrics_path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-            plot_curves(metrics_path, out / "curves.png")
-            _log(f"epoch {epoch}: loss {record['train_loss']:.3f}  val BLEU-4 {val['BLEU-4']:.2f}  "
-                 f"CIDEr {val['CIDEr']:.2f}  words {val['distinct_words']}  e.g. {val['examples'][0]!r}"
-                 + ("  (best)" if improved else ""))
+            log_epoch(metrics_path, {"epoch": epoch, "step": progress["step"],
+                                     "train_loss": total_loss / max(1, seen), "lr": lr}, val, started, improved)
             stop[0] = float(progress["bad_epochs"] >= config.patience)
         if dist.is_initialized():
             dist.broadcast(stop, 0)
@@ -457,6 +462,11 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
             raise ValueError("the fine-tuning phase runs in one process; start it without torchrun")
         finetune(config, encoder, best_dir, cache, split, train_records, val_records, vocab, device, metrics_path,
                  progress["epoch"])
+    if config.self_critical_epochs:
+        if world > 1:
+            raise ValueError("the self-critical phase runs in one process; start it without torchrun")
+        self_critical(config, encoder, best_dir, train_features, owners, captions, val_features[0], val_records,
+                      vocab, device, metrics_path, progress["epoch"])
     if rank == 0 and config.test_report and dataset.split("test"):
         report_test(config, best_dir, out / "test")
     if dist.is_initialized():
@@ -487,7 +497,7 @@ def finetune(config: TrainConfig, encoder: Encoder, best_dir: Path, cache: dict,
     peak_lrs = [group["lr"] for group in optimizer.param_groups]
     # learning_rate() of this gives the schedule as a multiplier of each group's peak
     schedule = dataclasses.replace(config, lr=1.0, schedule="cosine", epochs=config.finetune_epochs)
-    scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype(device, config.precision) == torch.float16)
+    scaler = grad_scaler(device, config.precision)
     steps_per_epoch = len(captions) // config.batch_size
     total_steps, step = steps_per_epoch * config.finetune_epochs, 0
     started = time.time()
@@ -521,19 +531,19 @@ def finetune(config: TrainConfig, encoder: Encoder, best_dir: Path, cache: dict,
         improved = val["CIDEr"] > best_cider
         if improved:
             best_cider = val["CIDEr"]
-            training = dict(saved["training"], val_CIDEr=round(best_cider, 2), finetune_epoch=k,
-                            finetune_seconds=round(time.time() - started, 1))
-            save_checkpoint(best_dir, encoder=encoder, decoder=decoder, vocab=vocab, transform=encoder.transform,
-                            training=training)
-        record = {"epoch": epochs_done + k, "phase": "finetune", "train_loss": total / max(1, seen),
-                  "lr": config.finetune_decoder_lr * scale, "val_BLEU-4": val["BLEU-4"], "val_CIDEr": val["CIDEr"],
-                  "val_distinct_words": val["distinct_words"], "val_cut_mid_phrase": val["cut_mid_phrase"],
-                  "elapsed_s": round(time.time() - started, 1)}
-        with metrics_path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        plot_curves(metrics_path, metrics_path.parent / "curves.png")
-        _log(f"fine-tune epoch {k}: loss {record['train_loss']:.3f}  val BLEU-4 {val['BLEU-4']:.2f}  "
-             f"CIDEr {val['CIDEr']:.2f}  words {val['distinct_words']}" + ("  (best)" if improved else ""))
+            save_phase_best(best_dir, encoder, decoder, vocab, saved, "finetune", k, best_cider, started)
+        log_epoch(metrics_path, {"epoch": epochs_done + k, "phase": "finetune", "train_loss": total / max(1, seen),
+                                 "lr": config.finetune_decoder_lr * scale}, val, started, improved)
+
+
+def save_phase_best(best_dir: Path, encoder: Encoder, decoder, vocab: Vocabulary, saved: dict, phase: str,
+                    epoch: int, cider: float, started: float) -> None:
+    """Replaces best/ from a phase after the first: phase 1's summary, the new validation CIDEr, and
+    which epoch of which phase it came from."""
+    training = dict(saved["training"], val_CIDEr=round(cider, 2),
+                    **{f"{phase}_epoch": epoch, f"{phase}_seconds": round(time.time() - started, 1)})
+    save_checkpoint(best_dir, encoder=encoder, decoder=decoder, vocab=vocab, transform=encoder.transform,
+                    training=training)
 
 
 @torch.inference_mode()
@@ -565,6 +575,22 @@ def report_test(config: TrainConfig, best_dir: Path, out_dir: Path, dtype: torch
     return report
 
 
+def log_epoch(metrics_path: Path, record: dict, val: dict, started: float, improved: bool, note: str = "") -> None:
+    """Appends an epoch to metrics.jsonl with its validation scores, redraws the curves, prints a line."""
+    record = {**record, "val_BLEU-4": val["BLEU-4"], "val_CIDEr": val["CIDEr"],
+              "val_distinct_words": val["distinct_words"], "val_distinct_captions": val["distinct_captions"],
+              "val_cut_mid_phrase": val["cut_mid_phrase"], "elapsed_s": round(time.time() - started, 1)}
+    with metrics_path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+    plot_curves(metrics_path, metrics_path.parent / "curves.png")
+    phase = f"{record['phase']} epoch" if "phase" in record else "epoch"
+    trained = (f"loss {record['train_loss']:.3f}" if "train_loss" in record
+               else f"reward {record['train_reward']:.3f}")
+    _log(f"{phase} {record['epoch']}: {trained}  val BLEU-4 {val['BLEU-4']:.2f}  CIDEr {val['CIDEr']:.2f}  "
+         f"words {val['distinct_words']}  cut {val['cut_mid_phrase']}  e.g. {val['examples'][0]!r}"
+         + ("  (best)" if improved else "") + note)
+
+
 def training_summary(config: TrainConfig, dataset: CaptionDataset, progress: dict, seconds: float) -> dict:
     return {
         "dataset": str(config.dataset),
@@ -587,8 +613,15 @@ def plot_curves(metrics_path: Path, png_path: Path) -> None:
     rows = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
     epochs = [r["epoch"] for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot(epochs, [r["train_loss"] for r in rows], marker="o")
+    supervised = [r for r in rows if "train_loss" in r]
+    left.plot([r["epoch"] for r in supervised], [r["train_loss"] for r in supervised], marker="o")
     left.set(title="training loss", xlabel="epoch")
+    rewarded = [r for r in rows if "train_reward" in r]
+    if rewarded:
+        right_axis = left.twinx()
+        right_axis.plot([r["epoch"] for r in rewarded], [r["train_reward"] for r in rewarded], marker="s",
+                        color="tab:green")
+        right_axis.set_ylabel("self-critical reward (CIDEr-D of samples)")
     right.plot(epochs, [r["val_CIDEr"] for r in rows], marker="o", label="val CIDEr")
     right.plot(epochs, [r["val_BLEU-4"] for r in rows], marker="o", label="val BLEU-4")
     right.set(title="validation (greedy)", xlabel="epoch")

@@ -62,3 +62,17 @@ def test_upside_down_photo_is_not_the_same_as_exif_corrected(tiny_captioner, tmp
     upright.rotate(180).save(tmp_path / "rot.jpg", exif=exif.tobytes(), quality=95)
     upright.save(tmp_path / "up.jpg", quality=95)
     assert tiny_captioner.caption(tmp_path / "rot.jpg") == tiny_captioner.caption(tmp_path / "up.jpg")
+
+
+def test_caption_paths_decodes_groups_of_batches_in_input_order(tiny_captioner, scene_paths, tmp_path):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    paths = [str(p) for p in scene_paths] + [str(broken)] + [str(p) for p in reversed(scene_paths)]
+    one_by_one = [tiny_captioner.caption(p) for p in scene_paths]
+    expected = one_by_one + [None] + one_by_one[::-1]
+    for batch_size, decode_batch_size in ((1, 1), (2, 5), (3, 256)):
+        results = list(tiny_captioner.caption_paths(paths, batch_size=batch_size, decode_batch_size=decode_batch_size,
+                                                    workers=0))
+        assert [r.source for r in results] == paths
+        assert [r.text if not r.error else None for r in results] == expected
+        assert "broken.jpg" in results[4].error

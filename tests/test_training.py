@@ -173,7 +173,7 @@ def test_fine_tuning_phase_trains_the_last_blocks_from_cached_boundary_activatio
     train(tiny_config(tiny_dataset, tmp_path, epochs=2, finetune_blocks=2, finetune_epochs=1, finetune_lr=1e-3,
                       finetune_decoder_lr=1e-3, batch_size=2))
     out = capfd.readouterr()
-    assert "fine-tune epoch 1:" in out.out and "fine-tune 1/1" in out.err
+    assert "finetune epoch 3:" in out.out and "fine-tune 1/1" in out.err
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r.get("phase", "decoder") for r in rows] == ["decoder", "decoder", "finetune"]
     # Lite0 has 18 blocks: the cache holds the output of the first 16, both views of all 8 images

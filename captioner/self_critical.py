@@ -1,0 +1,201 @@
+"""Self-critical sequence training (Rennie et al. 2017), the optional last phase of `captioner train`.
+
+For each training image the decoder samples a few captions; each is scored with CIDEr-D against the
+image's references, and the decoder is pushed toward the samples that beat the mean of the image's
+other samples (the baseline of Luo 2020, "A better variant of self-critical sequence training"), so
+no greedy decoding is needed. The policy gradient is exact: sampling and the log-probabilities it
+weights both come from the decoder with dropout off.
+
+CIDEr-optimised training is known to buy its score with worse captions: a narrower vocabulary,
+stock phrases, and endings such as "a man in a red" (CIDEr does not care how a caption ends). Three
+defences: <end> counts as a word in the n-grams of both sides, so a caption that stops mid-phrase
+misses the references' last n-grams; the cross-entropy of a true caption per image is mixed in
+(`self_critical_xe_weight`: on Flickr8k, without it the vocabulary halved and four times as many
+captions ended mid-phrase in three epochs, <end> counted or not); and a new `best/` is kept only
+if the validation captions keep their vocabulary and endings (`keeps_caption_quality`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from . import decoding
+from .checkpoint import load_checkpoint, save_checkpoint
+from .runtime import autocast
+from .vocab import END, PAD, START
+
+NgramVectors = tuple[list[dict[tuple, float]], list[float], int]
+
+
+def ngram_counts(tokens: Sequence[int], n: int = 4) -> Counter:
+    return Counter(tuple(tokens[i:i + k]) for k in range(1, n + 1) for i in range(len(tokens) - k + 1))
+
+
+class CiderD:
+    """CIDEr-D (Vedantam et al. 2015, as the COCO server computes it: clipped term frequencies and a
+    Gaussian length penalty with sigma 6) against fixed references, with document frequencies taken
+    over the training images, as self-critical training uses it. Captions are token-id sequences."""
+
+    def __init__(self, references: Sequence[Sequence[Sequence[int]]], n: int = 4, sigma: float = 6.0):
+        self.n, self.sigma = n, sigma
+        counts = [[ngram_counts(r, n) for r in refs] for refs in references]
+        self.document_frequency = Counter(g for image in counts for g in set().union(*image))
+        self.log_images = math.log(float(len(references)))
+        self.references = [[self._vectors(c) for c in image] for image in counts]
+
+    def _vectors(self, counts: Counter) -> NgramVectors:
+        vectors = [defaultdict(float) for _ in range(self.n)]
+        for gram, tf in counts.items():
+            vectors[len(gram) - 1][gram] = tf * (self.log_images - math.log(max(1.0, self.document_frequency[gram])))
+        norms = [math.sqrt(sum(v * v for v in vec.values())) for vec in vectors]
+        length = sum(tf for gram, tf in counts.items() if len(gram) == 1)
+        return vectors, norms, length
+
+    def score(self, image: int, candidate: Sequence[int]) -> float:
+        hyp, hyp_norms, hyp_length = self._vectors(ngram_counts(candidate, self.n))
+        total = 0.0
+        for ref, ref_norms, ref_length in self.references[image]:
+            penalty = math.exp(-((hyp_length - ref_length) ** 2) / (2 * self.sigma ** 2))
+            for k in range(self.n):
+                if hyp_norms[k] and ref_norms[k]:
+                    overlap = sum(min(v, ref[k].get(g, 0.0)) * ref[k].get(g, 0.0) for g, v in hyp[k].items())
+                    total += penalty * overlap / (hyp_norms[k] * ref_norms[k])
+        return 10.0 * total / (self.n * len(self.references[image]))
+
+
+def references_by_image(owners: torch.Tensor, captions: list[list[int]], images: int) -> list[list[list[int]]]:
+    """Training captions (<start> words <end>) grouped by image, without <start>: <end> stays a word."""
+    grouped: list[list[list[int]]] = [[] for _ in range(images)]
+    for owner, ids in zip(owners.tolist(), captions):
+        grouped[owner].append(ids[1:])
+    return grouped
+
+
+def advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """images x samples rewards -> each sample's reward minus the mean of its image's other samples."""
+    k = rewards.size(1)
+    return (rewards - (rewards.sum(1, keepdim=True) - rewards) / (k - 1)) if k > 1 else rewards
+
+
+def sequence_logprobs(decoder, features: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Teacher-forced log-probability of each token of `tokens` (<start> ... , 0-padded) -> B x (T-1),
+    0 on padding."""
+    logits = decoder(features, tokens, lengths).float()
+    if logits.dim() == 4:  # an ensemble decodes with its members' mean distribution
+        logp = logits.log_softmax(-1).logsumexp(0) - math.log(logits.size(0))
+    else:
+        logp = logits.log_softmax(-1)
+    targets = tokens[:, 1:]
+    return logp.gather(2, targets[..., None])[..., 0].masked_fill(targets == PAD, 0.0)
+
+
+def policy_loss(decoder, features: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor,
+                advantage: torch.Tensor) -> torch.Tensor:
+    """REINFORCE with a baseline: -advantage x log-probability of each sampled token, averaged over tokens."""
+    logp = sequence_logprobs(decoder, features, tokens, lengths)
+    return -(advantage[:, None] * logp).sum() / (tokens[:, 1:] != PAD).sum()
+
+
+def sampled_batch(samples: list[list[decoding.Caption]]) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
+    """Sampled captions -> padded <start> ... <end> tokens, lengths, and each caption's scored tokens
+    (its words, plus <end> when it ended)."""
+    scored = [c.tokens + ([END] if c.ended else []) for captions in samples for c in captions]
+    lengths = torch.tensor([len(s) + 1 for s in scored])
+    tokens = torch.zeros(len(scored), int(lengths.max()), dtype=torch.long)
+    for row, ids in enumerate(scored):
+        tokens[row, : len(ids) + 1] = torch.tensor([START] + ids)
+    return tokens, lengths, scored
+
+
+def keeps_caption_quality(candidate: dict, reference: dict, min_word_ratio: float = 0.9) -> bool:
+    """Whether validation captions kept what CIDEr optimisation tends to take away: at least
+    `min_word_ratio` of the reference's distinct words and distinct captions, and no more captions
+    cut mid-phrase or running to the length limit."""
+    return (candidate["distinct_words"] >= min_word_ratio * reference["distinct_words"]
+            and candidate["distinct_captions"] >= min_word_ratio * reference["distinct_captions"]
+            and candidate["cut_mid_phrase"] <= reference["cut_mid_phrase"]
+            and candidate["hit_max_length"] <= reference["hit_max_length"])
+
+
+def self_critical(config, encoder, best_dir: Path, train_features: torch.Tensor, owners: torch.Tensor,
+                  captions: list[list[int]], val_features: torch.Tensor, val_records, vocab,
+                  device: torch.device, metrics_path: Path, epochs_done: int) -> None:
+    """Trains `best/`'s decoder with self-critical sequence training for `config.self_critical_epochs`
+    epochs over the training images (a random view of each), `config.batch_size` sampled captions a
+    step; `best/` is replaced when validation CIDEr improves and `keeps_caption_quality` holds."""
+    from .training import (caption_loss, grad_scaler, learning_rate, log_epoch, optimization_step, pad_batch,
+                           save_phase_best, validate)  # training imports us
+
+    _, decoder, _, _, saved = load_checkpoint(best_dir, device)
+    references = references_by_image(owners, captions, train_features.size(1))
+    cider = CiderD(references)
+    start_val = validate(decoder, val_features, val_records, vocab, device, config)
+    best_cider = start_val["CIDEr"]
+    k = config.self_critical_samples
+    images_per_step = max(1, config.batch_size // k)
+    steps_per_epoch = train_features.size(1) // images_per_step
+    optimizer = torch.optim.AdamW(decoder.parameters(), lr=config.self_critical_lr, weight_decay=config.weight_decay)
+    scaler = grad_scaler(device, config.precision)
+    # learning_rate() of this gives warmup then cosine from self_critical_lr over the phase
+    schedule = dataclasses.replace(config, lr=config.self_critical_lr, schedule="cosine",
+                                   epochs=config.self_critical_epochs)
+    total_steps, step, started = steps_per_epoch * config.self_critical_epochs, 0, time.time()
+
+    for epoch in range(1, config.self_critical_epochs + 1):
+        generator = torch.Generator().manual_seed(config.seed * 100_003 + epochs_done + epoch)
+        order = torch.randperm(train_features.size(1), generator=generator)
+        views = torch.randint(train_features.size(0), (len(order),), generator=generator)
+        decoder.eval()  # dropout off: the sampled policy is the one whose gradient is taken
+        total_reward, seen = 0.0, 0
+        bar = tqdm(range(steps_per_epoch), desc=f"self-critical {epoch}/{config.self_critical_epochs}", unit="batch")
+        for local_step in bar:
+            picked = order[local_step * images_per_step:(local_step + 1) * images_per_step]
+            feats = train_features[views[picked], picked].to(device).float()
+            seeds = torch.randint(2 ** 62, (len(picked),), generator=generator).tolist()
+            with autocast(device, config.precision):
+                samples = decoding.sample(decoder, feats, seeds=seeds, num_samples=k, max_length=config.max_length)
+            tokens, lengths, scored = sampled_batch(samples)
+            owners_of = picked.repeat_interleave(k).tolist()
+            rewards = torch.tensor([cider.score(i, s) for i, s in zip(owners_of, scored)]).view(-1, k)
+            advantage = advantages(rewards).view(-1).to(device)
+            lr = learning_rate(schedule, step, total_steps, 1.0)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            tokens = tokens.to(device)
+            with autocast(device, config.precision):
+                loss = policy_loss(decoder, feats.repeat_interleave(k, dim=0), tokens, lengths, advantage)
+                if config.self_critical_xe_weight:
+                    # one true caption per image keeps the decoder close to how people describe it
+                    truth, truth_lengths = pad_batch([
+                        [START] + references[i][int(torch.randint(len(references[i]), (1,), generator=generator))]
+                        for i in picked.tolist()])
+                    truth = truth.to(device)
+                    loss = loss + config.self_critical_xe_weight * caption_loss(
+                        decoder(feats, truth, truth_lengths).float(), truth)
+            optimization_step(loss, optimizer, scaler, config.clip_norm)
+            step += 1
+            total_reward += rewards.sum().item()
+            seen += rewards.numel()
+            if local_step % 20 == 0:
+                bar.set_postfix(reward=f"{total_reward / seen:.3f}", lr=f"{lr:.2e}")
+        bar.close()
+        val = validate(decoder, val_features, val_records, vocab, device, config)
+        # kept whatever the guard says, to look at what it refused
+        save_checkpoint(best_dir.parent / "self-critical", encoder=encoder, decoder=decoder, vocab=vocab,
+                        transform=encoder.transform, training=dict(saved["training"], self_critical_epoch=epoch))
+        kept = keeps_caption_quality(val, start_val)
+        improved = val["CIDEr"] > best_cider and kept
+        if improved:
+            best_cider = val["CIDEr"]
+            save_phase_best(best_dir, encoder, decoder, vocab, saved, "self_critical", epoch, best_cider, started)
+        log_epoch(metrics_path, {"epoch": epochs_done + epoch, "phase": "self-critical",
+                                 "train_reward": total_reward / max(1, seen), "lr": lr}, val, started, improved,
+                  note="" if kept else "  (captions narrowed: not kept)")

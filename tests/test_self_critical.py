@@ -1,0 +1,91 @@
+"""Self-critical sequence training: its CIDEr-D reward, its policy gradient and the phase in a real run."""
+
+import json
+
+import pytest
+import torch
+from pycocoevalcap.cider.cider import Cider
+
+from captioner import Captioner
+from captioner.decoder import DecoderConfig, build_decoder
+from captioner.self_critical import CiderD, advantages, keeps_caption_quality, policy_loss, sequence_logprobs
+from captioner.training import TrainConfig, train
+from captioner.vocab import END, START, tokenize
+
+from conftest import SCENES
+from test_training import tiny_config, tiny_dataset  # noqa: F401 (a fixture)
+
+REFERENCES = [
+    ["a dog runs on the grass", "a brown dog is running through a field", "the dog plays outside"],
+    ["a man rides a bike down the street", "a cyclist on a road", "a man on a bicycle"],
+    ["two children play in the water", "kids splash in a pool", "two kids swimming"],
+    ["a woman in a red shirt sits on a bench", "a lady sitting on a park bench", "a woman rests on a bench"],
+] + [[caption, caption.replace("a ", "the ", 1)] for _, caption, _ in SCENES]
+CANDIDATES = ["a dog runs through the grass", "a man rides a bike", "children in the water",
+              "a woman in a red", "a dog", "a woman sitting on a bench", "a bench", "the man on a road"]
+
+
+def test_cider_d_equals_the_coco_evaluation_with_the_same_document_frequencies():
+    references = [[tokenize(r) for r in refs] for refs in REFERENCES]
+    candidates = [tokenize(CANDIDATES[i % len(CANDIDATES)]) for i in range(len(references))]
+    ours = [CiderD(references).score(i, c) for i, c in enumerate(candidates)]
+    mean, per_image = Cider().compute_score({i: [" ".join(r) for r in refs] for i, refs in enumerate(references)},
+                                            {i: [" ".join(c)] for i, c in enumerate(candidates)})
+    assert ours == pytest.approx(list(per_image), abs=1e-12)
+    assert max(ours) > 0.5 and min(ours) == 0.0  # the fixture has real matches and a miss
+
+
+def test_counting_end_widens_the_gap_between_a_finished_caption_and_the_same_caption_cut_mid_phrase():
+    with_end = CiderD([[tokenize(r) + [END] for r in refs] for refs in REFERENCES])
+    without = CiderD([[tokenize(r) for r in refs] for refs in REFERENCES])
+    finished, cut = tokenize("a woman sits on a bench"), tokenize("a woman sits on a")
+    gap_with_end = with_end.score(3, finished + [END]) - with_end.score(3, cut + [END])
+    gap_without = without.score(3, finished) - without.score(3, cut)
+    assert gap_with_end > 1.5 * gap_without > 0  # 2.21 against 1.33
+
+
+def test_advantage_is_each_reward_minus_the_mean_of_the_other_samples():
+    rewards = torch.tensor([[1.0, 2.0, 6.0], [0.5, 0.5, 0.5]])
+    expected = torch.tensor([[1.0 - 4.0, 2.0 - 3.5, 6.0 - 1.5], [0.0, 0.0, 0.0]])
+    assert torch.allclose(advantages(rewards), expected)
+
+
+def test_a_policy_gradient_step_makes_the_better_sample_likelier_and_the_worse_one_rarer():
+    torch.manual_seed(0)
+    decoder = build_decoder(DecoderConfig(feature_dim=8, vocab_size=12, embed_dim=8, hidden_dim=16, dropout=0.0))
+    features = torch.randn(1, 8).repeat(2, 1)
+    tokens = torch.tensor([[START, 5, 6, 7, END], [START, 8, 9, END, 0]])
+    lengths = torch.tensor([5, 4])
+    before = sequence_logprobs(decoder, features, tokens, lengths).sum(1)
+    optimizer = torch.optim.SGD(decoder.parameters(), lr=0.5)
+    policy_loss(decoder, features, tokens, lengths, advantages(torch.tensor([[1.0, 0.0]])).view(-1)).backward()
+    optimizer.step()
+    after = sequence_logprobs(decoder, features, tokens, lengths).sum(1)
+    assert after[0] > before[0] and after[1] < before[1]
+
+
+def test_caption_quality_guard_refuses_a_narrower_vocabulary_or_more_cut_captions():
+    reference = {"distinct_words": 400, "distinct_captions": 850, "cut_mid_phrase": 5, "hit_max_length": 0}
+    assert keeps_caption_quality(dict(reference, distinct_words=380), reference)
+    assert not keeps_caption_quality(dict(reference, distinct_words=300), reference)
+    assert not keeps_caption_quality(dict(reference, distinct_captions=600), reference)
+    assert not keeps_caption_quality(dict(reference, cut_mid_phrase=9), reference)
+    assert not keeps_caption_quality(dict(reference, hit_max_length=1), reference)
+
+
+def test_self_critical_phase_runs_after_the_decoder_and_keeps_a_loadable_best(tiny_dataset, tmp_path, capfd):
+    best = train(tiny_config(tiny_dataset, tmp_path, epochs=2, self_critical_epochs=2, self_critical_lr=1e-3,
+                             self_critical_samples=2, batch_size=4))
+    out = capfd.readouterr()
+    assert "self-critical epoch 3:" in out.out and "self-critical 2/2" in out.err
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("phase", "decoder") for r in rows] == ["decoder", "decoder", "self-critical", "self-critical"]
+    assert all(0.0 <= r["train_reward"] <= 10.0 for r in rows[2:])
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 0
+    captioner = Captioner.from_pretrained(best, device="cpu")
+    assert isinstance(captioner.caption(tiny_dataset.parent / "red_circle.jpg"), str)
+
+
+def test_self_critical_refuses_to_follow_fine_tuning(tmp_path):
+    with pytest.raises(ValueError, match="self_critical_epochs needs finetune_blocks = 0"):
+        train(TrainConfig(output=str(tmp_path / "run"), self_critical_epochs=1, finetune_blocks=2))
