@@ -127,8 +127,8 @@ def _repair_and_read(path: Path, fmt: str) -> set[str]:
 
 
 def caption_files(captioner: Captioner, paths: list[str], writer: ResultWriter, *, method: str = "greedy",
-                  batch_size: int = 32, workers: int | None = None, seed: int | None = None, errors_to: IO[str] | None = None,
-                  progress: bool = True, **options) -> tuple[int, int]:
+                  batch_size: int = 32, workers: int | None = None, seed: int | None = None,
+                  errors_to: IO[str] | None = None, progress: bool = True, **options) -> tuple[int, int]:
     """Captions `paths` not already in `writer.done`; -> (captioned, failed)."""
     todo = [p for p in paths if p not in writer.done]
     captioned = failed = 0

@@ -179,8 +179,14 @@ class DecoderEnsemble(nn.Module):
 
     def step(self, tokens: torch.Tensor, state):
         outputs = [m.step(tokens, s) for m, s in zip(self.members, state)]
-        log_probs = torch.stack([nn.functional.log_softmax(logits.float(), -1) for logits, _ in outputs])
-        return log_probs.logsumexp(0) - math.log(len(self.members)), tuple(s for _, s in outputs)
+        return members_log_probs(torch.stack([logits for logits, _ in outputs])), tuple(s for _, s in outputs)
+
+
+def members_log_probs(member_logits: torch.Tensor) -> torch.Tensor:
+    """An ensemble's logits (members first) -> the log of its members' mean distribution, which is
+    what an ensemble decodes with."""
+    log_probs = nn.functional.log_softmax(member_logits.float(), -1)
+    return log_probs.logsumexp(0) - math.log(member_logits.size(0))
 
 
 def keep_members(decoder: DecoderEnsemble, count: int) -> CaptionDecoder | DecoderEnsemble:

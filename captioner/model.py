@@ -157,7 +157,8 @@ class Captioner:
                       decode_batch_size: int = 256, workers: int | None = None, seed: int | None = None,
                       max_pixels: int = MAX_IMAGE_PIXELS, **options) -> Iterator[ImageResult]:
         """Captions files in order, decoding them in `workers` DataLoader processes (None: none on
-        2 cores or fewer, else one) while this one runs the model. Yields one `ImageResult` per path, errors included, group by group.
+        2 cores or fewer, else one) while this one runs the model. Yields one `ImageResult` per
+        path, errors included, group by group.
         Images are encoded `batch_size` at a time and their features decoded at least
         `decode_batch_size` at a time: every decoding step streams all of the decoder's weights, so
         a step for 256 images costs little more than one for 32 (bench/README.md).

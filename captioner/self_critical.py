@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from . import decoding
 from .checkpoint import load_checkpoint, save_checkpoint
+from .decoder import members_log_probs
 from .runtime import autocast
 from .vocab import END, PAD, START
 
@@ -89,10 +90,7 @@ def sequence_logprobs(decoder, features: torch.Tensor, tokens: torch.Tensor, len
     """Teacher-forced log-probability of each token of `tokens` (<start> ... , 0-padded) -> B x (T-1),
     0 on padding."""
     logits = decoder(features, tokens, lengths).float()
-    if logits.dim() == 4:  # an ensemble decodes with its members' mean distribution
-        logp = logits.log_softmax(-1).logsumexp(0) - math.log(logits.size(0))
-    else:
-        logp = logits.log_softmax(-1)
+    logp = members_log_probs(logits) if logits.dim() == 4 else logits.log_softmax(-1)  # 4: an ensemble
     targets = tokens[:, 1:]
     return logp.gather(2, targets[..., None])[..., 0].masked_fill(targets == PAD, 0.0)
 

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, resolve_directory, save_checkpoint
 from .datasets import CaptionDataset, load_dataset
-from .decoder import CaptionDecoder, DecoderConfig, build_decoder, caption_loss
+from .decoder import CaptionDecoder, DecoderConfig, build_decoder, caption_loss, members_log_probs
 from .encoders import Encoder, build_encoder
 from .features import cached_features
 from .runtime import autocast, autocast_dtype
@@ -219,7 +219,7 @@ def mix_predictions(decoder, features, captions, lengths, probability: float, ge
     with torch.no_grad():
         logits = decoder(features, captions, lengths)
         if logits.dim() == 4:  # an ensemble: its members' mean distribution
-            logits = logits.log_softmax(-1).logsumexp(0)
+            logits = members_log_probs(logits)
         predicted = logits.argmax(-1)  # predicted[:, j] guesses captions[:, j + 1]
     words = (captions[:, 1:-1] != 0) & (captions[:, 1:-1] != END)
     swap = (torch.rand(words.shape, generator=generator) < probability).to(words.device) & words
