@@ -102,17 +102,6 @@ def policy_loss(decoder, features: torch.Tensor, tokens: torch.Tensor, lengths: 
     return -(advantage[:, None] * logp).sum() / (tokens[:, 1:] != PAD).sum()
 
 
-def sampled_batch(samples: list[list[decoding.Caption]]) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
-    """Sampled captions -> padded <start> ... <end> tokens, lengths, and each caption's scored tokens
-    (its words, plus <end> when it ended)."""
-    scored = [c.tokens + ([END] if c.ended else []) for captions in samples for c in captions]
-    lengths = torch.tensor([len(s) + 1 for s in scored])
-    tokens = torch.zeros(len(scored), int(lengths.max()), dtype=torch.long)
-    for row, ids in enumerate(scored):
-        tokens[row, : len(ids) + 1] = torch.tensor([START] + ids)
-    return tokens, lengths, scored
-
-
 def keeps_caption_quality(candidate: dict, reference: dict, min_word_ratio: float = 0.9) -> bool:
     """Whether validation captions kept what CIDEr optimisation tends to take away: at least
     `min_word_ratio` of the reference's distinct words and distinct captions, and no more captions
@@ -160,7 +149,9 @@ def self_critical(config, encoder, best_dir: Path, train_features: torch.Tensor,
             seeds = torch.randint(2 ** 62, (len(picked),), generator=generator).tolist()
             with autocast(device, config.precision):
                 samples = decoding.sample(decoder, feats, seeds=seeds, num_samples=k, max_length=config.max_length)
-            tokens, lengths, scored = sampled_batch(samples)
+            # scored as written: the words, plus <end> when the caption ended
+            scored = [c.tokens + ([END] if c.ended else []) for captions in samples for c in captions]
+            tokens, lengths = pad_batch([[START] + s for s in scored])
             owners_of = picked.repeat_interleave(k).tolist()
             rewards = torch.tensor([cider.score(i, s) for i, s in zip(owners_of, scored)]).view(-1, k)
             advantage = advantages(rewards).view(-1).to(device)
