@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from safetensors.torch import load_file
 
 from captioner import Captioner
 from captioner.encoders import build_encoder
-from captioner.features import compute_features
+from captioner.features import cache_key, compute_features
 from captioner.metrics import score_captions
 from captioner.training import TrainConfig, features_from_boundary, train
 
@@ -99,6 +100,23 @@ def test_second_run_reuses_the_feature_cache(tiny_dataset, tmp_path, capfd):
     train(tiny_config(tiny_dataset, tmp_path, epochs=1, output=str(tmp_path / "again"), hidden_dim=24))
     assert "encoding images" not in capfd.readouterr().err
     assert list((tmp_path / "cache").iterdir()) == cache and cache[0].stat().st_mtime_ns == stamp
+
+
+def test_feature_cache_follows_image_contents_not_paths_or_times(lite0, scene_paths, tmp_path):
+    def key(paths):
+        return cache_key(lite0, paths, False, torch.device("cpu"), "fp32")
+
+    copies = []
+    for i, path in enumerate(scene_paths):  # a copied or remounted dataset: new paths, new times
+        copies.append(tmp_path / f"copy{i}.jpg")
+        shutil.copy(path, copies[-1])
+        os.utime(copies[-1], ns=(10**18, 10**18))
+    assert key(copies) == key(scene_paths)
+    assert key(copies[::-1]) != key(scene_paths)  # the cache stores features by position
+    edited = bytearray(copies[0].read_bytes())
+    edited[len(edited) // 2] ^= 1
+    copies[0].write_bytes(bytes(edited))
+    assert key(copies) != key(scene_paths)
 
 
 def decoder_tensors(directory: Path) -> dict:
