@@ -5,6 +5,7 @@ of pooled features: fine-tuning the last blocks then never runs the frozen ones 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -40,9 +41,18 @@ def cache_key(encoder: Encoder, paths: list[Path], flip: bool, device: torch.dev
 
 def _content_id(path: Path) -> str:
     try:
-        return hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()
+        stat = path.stat()
+        return _digest(str(path), stat.st_size, stat.st_mtime_ns)
     except OSError as err:  # encoding reports the file as unreadable; the key just has to be stable
         return f"unreadable: {err.strerror}"
+
+
+@functools.lru_cache(maxsize=None)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
+    # Memoised within a process: fine-tuning keys its activations over the same images right after
+    # the features, and need not read them all again (a minute for COCO). Size and mtime are part
+    # of the memo's key only, so a file rewritten meanwhile is read afresh.
+    return hashlib.blake2b(Path(path).read_bytes(), digest_size=16).hexdigest()
 
 
 @torch.inference_mode()
