@@ -1,9 +1,10 @@
-"""The web UI: upload an image, pick argmax, sampling or beam search, get captions.
+"""The web UI: upload an image, pick argmax, sampling or beam search, get captions, and see why:
+each word coloured by its probability, and selecting a word shows the photo regions behind it.
 
-    python app.py [--checkpoint DIR] [--host 127.0.0.1] [--port 7860] [--share]
+    python app.py [--checkpoint DIR] [--host 127.0.0.1] [--port 7860] [--share] [--auth USER:PASSWORD]
 
-Runs offline on the built-in model by default. Named API endpoints (`/caption`, `/caption_batch`)
-serve `gradio_client` too; see the README.
+Runs offline on the built-in model by default, reachable from this machine only. Named API
+endpoints (`/caption`, `/explain`, `/caption_batch`) serve `gradio_client` too; see the README.
 """
 
 from __future__ import annotations
@@ -21,10 +22,13 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no request leaves 
 import gradio as gr
 
 from captioner import Captioner
+from captioner.explain import overlay
+from captioner.images import load_image
 
 METHODS = {"Argmax (greedy)": "greedy", "Sample": "sample", "Beam search": "beam"}
 MAX_UPLOAD = "25mb"
 SESSIONS_KEPT = 500
+LABELS_SHOWN = 5
 UPLOADS_KEPT_S = 3600  # uploaded files are deleted from gradio's cache after an hour
 EXAMPLES_DIR = Path(gr.__file__).parent / "media_assets" / "images"  # photos the gradio package ships
 log = logging.getLogger("captioner.app")
@@ -66,6 +70,37 @@ def decoding_options(method: str, temperature, top_k, top_p, num_samples, seed, 
     return name, options
 
 
+def word_details(word: dict) -> str:
+    others = ", ".join(f"{w} ({p:.0%})" for w, p in word["alternatives"])
+    return f"**{word['word']}**: probability {word['probability']:.0%}; weighed instead: {others}"
+
+
+def read_auth(pairs: list[str], auth_file: str | None) -> list[tuple[str, str]] | None:
+    """USER:PASSWORD pairs from the command line and from a file (one a line, # comments)."""
+    lines = list(pairs or [])
+    if auth_file:
+        try:
+            text = Path(auth_file).read_text(encoding="utf-8")
+        except OSError as err:
+            raise SystemExit(f"{auth_file}: cannot read ({err.strerror})") from None
+        lines += [(f"{auth_file}:{n}", line.strip()) for n, line in enumerate(text.splitlines(), 1)
+                  if line.strip() and not line.lstrip().startswith("#")]
+    credentials = []
+    for entry in lines:
+        where, pair = entry if isinstance(entry, tuple) else ("--auth", entry)
+        user, sep, password = pair.partition(":")
+        if not sep or not user or not password:
+            raise SystemExit(f"{where}: expected USER:PASSWORD")
+        credentials.append((user, password))
+    return credentials or None
+
+
+def label_scores(labels) -> dict[str, float]:
+    """gr.Label's value: "ImageNet class (everyday word)" -> probability."""
+    return {(label.name if label.word == label.name.lower() else f"{label.name} ({label.word})"): label.probability
+            for label in labels or []}
+
+
 def model_card(config: dict) -> str:
     encoder, decoder, training = config.get("encoder", {}), config.get("decoder", {}), config.get("training", {})
     lines = [
@@ -93,12 +128,34 @@ def build_app(captioner: Captioner) -> gr.Blocks:
             raise user_error("Upload an image first.")
         name, options = decoding_options(method, temperature, top_k, top_p, num_samples, seed, beam_size,
                                          length_penalty, max_length)
-        [result] = captioner.generate([image], name, **options)
+        labels = LABELS_SHOWN if captioner.encoder.classifier is not None else 0
+        [result] = captioner.generate([image], name, labels=labels, **options)
         if result.error:
             raise user_error(result.error.replace(str(image), Path(image).name))  # never show the server's path
         rows = [[rank, c.text, round(c.logprob, 3), round(c.perplexity, 2)]
                 for rank, c in enumerate(result.captions, 1)]
-        return result.captions[0].text, rows
+        return result.captions[0].text, rows, label_scores(result.labels)
+
+    def explain_caption(image, text):
+        """Teacher-forces the caption shown (the top beam, or the first sample) through the model."""
+        if image is None or not text:
+            raise user_error("Caption an image first.")
+        explanation = captioner.explain(image, caption=text)
+        photo = load_image(image)
+        folder = Path(tempfile.mkdtemp(prefix="explain-"))
+        overlays = []
+        for i, word in enumerate(explanation.words):
+            path = folder / f"{i:02d}.png"
+            overlay(photo, word.heatmap).save(path)
+            overlays.append(str(path))
+        details = explanation.to_dict()
+        words = [(w["word"] + " ", w["probability"]) for w in details["words"]]
+        return words, overlays[0], word_details(details["words"][0]), details, overlays
+
+    def select_word(overlays, details, evt: gr.SelectData):
+        if not overlays:
+            raise user_error("Caption an image first.")
+        return overlays[evt.index], word_details(details["words"][evt.index])
 
     def caption_batch(files, method, beam_size):
         if not files:
@@ -142,11 +199,25 @@ def build_app(captioner: Captioner) -> gr.Blocks:
                     best = gr.Textbox(label="Caption", elem_id="caption-output", interactive=False)
                     table = gr.Dataframe(headers=["rank", "caption", "log-prob", "perplexity"],
                                          label="All captions (beams ranked, or each sample)", interactive=False,
-                                         elem_id="caption-table")
+                                         elem_id="caption-table", wrap=True,
+                                         column_widths=["12%", "52%", "18%", "18%"])
+                    seen = gr.Label(num_top_classes=LABELS_SHOWN, label="What the encoder sees (ImageNet classes)",
+                                    elem_id="labels-output")
+            with gr.Row():
+                with gr.Column():
+                    words = gr.HighlightedText(label="Why: each word by its probability (select a word)",
+                                               elem_id="explained-words", show_legend=False, combine_adjacent=False)
+                    chosen = gr.Markdown(elem_id="word-details")
+                with gr.Column():
+                    heat = gr.Image(label="Where the selected word looked", interactive=False, elem_id="word-overlay")
+            details = gr.JSON(visible=False)
+            overlays = gr.State([])
             gr.Examples([[str(p)] for p in EXAMPLES if p.is_file()], inputs=[image], label="Examples")
             method.change(show_controls, method, [sample_controls, beam_controls], api_name=False)
             button.click(caption, [image, method, temperature, top_k, top_p, num_samples, seed, beam_size,
-                                   length_penalty, max_length], [best, table], api_name="caption")
+                                   length_penalty, max_length], [best, table, seen], api_name="caption").then(
+                explain_caption, [image, best], [words, heat, chosen, details, overlays], api_name="explain")
+            words.select(select_word, [overlays, details], [heat, chosen], api_name=False)
         with gr.Tab("Batch"):
             files = gr.File(file_count="multiple", label="Images", elem_id="batch-files")
             with gr.Row():
@@ -170,12 +241,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
+    parser.add_argument("--auth", action="append", metavar="USER:PASSWORD",
+                        help="require a login (repeat for more users); use it whenever --host or --share "
+                             "lets others reach the server")
+    parser.add_argument("--auth-file", default=None, help="USER:PASSWORD lines, for passwords kept off the command line")
     args = parser.parse_args(argv)
+    auth = read_auth(args.auth, args.auth_file)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     captioner = Captioner.from_pretrained(args.checkpoint)  # loaded once, shared by every request
     # Gradio keeps per-session state for its last 10,000 sessions by default, ~90 KB each here: the
     # server grew by 45 MB a minute under load (bench/README.md). Nothing here needs old sessions.
-    build_app(captioner).launch(server_name=args.host, server_port=args.port, share=args.share,
+    build_app(captioner).launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
                                 max_file_size=MAX_UPLOAD, show_error=True, state_session_capacity=SESSIONS_KEPT)
 
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -87,6 +88,8 @@ class ResultWriter:
                       "method": self.settings["method"], **self.settings["options"]}
             if len(result.captions) > 1:
                 record["captions"] = [{"caption": c.text, "logprob": round(c.logprob, 4)} for c in result.captions]
+            if result.labels:
+                record["labels"] = [dataclasses.asdict(label) for label in result.labels]
             self.stream.write(json.dumps(record, ensure_ascii=False) + "\n")
 
     def flush(self) -> None:

@@ -93,7 +93,7 @@ def save_checkpoint(directory: str | Path, *, encoder: Encoder, decoder: Caption
         "format": FORMAT,
         "version": VERSION,
         "encoder": {"name": encoder.name, "weights": encoder.weights_id, "feature_dim": encoder.feature_dim,
-                    "fine_tuned_blocks": tuned},
+                    "fine_tuned_blocks": tuned, "with_labels": encoder.with_labels},
         "transform": transform.to_dict(),
         "decoder": decoder.config.to_dict(),
         "vocab_size": len(vocab),
@@ -159,7 +159,11 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu"):
 
     enc = config["encoder"]
     tuned = int(enc.get("fine_tuned_blocks", 0))
-    encoder = build_encoder(enc["name"], weights=enc.get("weights") or "DEFAULT", pretrained=True)
+    try:
+        encoder = build_encoder(enc["name"], weights=enc.get("weights") or "DEFAULT", pretrained=True,
+                                with_labels=bool(enc.get("with_labels", False)))
+    except ValueError as err:
+        raise CheckpointError(f"{directory / CONFIG}: {err}") from err
     if encoder.weights_id != enc.get("weights"):
         raise CheckpointError(f"{CONFIG} was trained on encoder weights {enc.get('weights')!r}, but {enc['name']} "
                               f"now loads {encoder.weights_id!r}")

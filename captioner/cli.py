@@ -1,4 +1,4 @@
-"""The `captioner` command: caption, train, eval, info."""
+"""The `captioner` command: caption, train, eval, export, explain, info."""
 
 from __future__ import annotations
 
@@ -29,16 +29,21 @@ def _add_decoding_options(p: argparse.ArgumentParser, default_method: str = "gre
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--num-samples", type=int, default=1)
     g.add_argument("--max-length", type=int, default=20, help="most tokens generated, <end> included")
+    g.add_argument("--evidence-weight", type=float, default=None,
+                   help="penalty on object words the image does not support (default: the checkpoint's)")
+    g.add_argument("--evidence-threshold", type=float, default=None,
+                   help="support below which an object word is penalised (default: the checkpoint's)")
 
 
 def _decoding_options(args) -> dict:
+    evidence = {k: getattr(args, k) for k in ("evidence_weight", "evidence_threshold") if getattr(args, k) is not None}
     if args.method == "beam":
         return {"beam_size": args.beam_size, "length_penalty": args.length_penalty,
-                "no_repeat_ngram_size": args.no_repeat_ngram_size, "max_length": args.max_length}
+                "no_repeat_ngram_size": args.no_repeat_ngram_size, "max_length": args.max_length, **evidence}
     if args.method == "sample":
         return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
-                "num_samples": args.num_samples, "max_length": args.max_length}
-    return {"max_length": args.max_length}
+                "num_samples": args.num_samples, "max_length": args.max_length, **evidence}
+    return {"max_length": args.max_length, **evidence}
 
 
 def _add_device_options(p: argparse.ArgumentParser) -> None:
@@ -72,7 +77,8 @@ def cmd_caption(args) -> int:
         print(f"resuming: {len(writer.done):,} image(s) already in {args.out}", file=sys.stderr)
     try:
         _, failed = caption_files(captioner, paths, writer, method=args.method, batch_size=args.batch_size,
-                                  workers=args.workers, seed=args.seed, errors_to=errors, progress=progress, **options)
+                                  workers=args.workers, seed=args.seed, errors_to=errors, progress=progress,
+                                  labels=args.labels, **options)
     finally:
         writer.close()
         if errors:
@@ -81,7 +87,7 @@ def cmd_caption(args) -> int:
 
 
 def _train_parser(sub) -> argparse.ArgumentParser:
-    from .training import TrainConfig
+    from .recipe import TrainConfig
 
     p = sub.add_parser("train", help="train a decoder on a caption dataset",
                        description="Train from a TOML recipe (train/*.toml); any recipe field can be overridden "
@@ -89,6 +95,8 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("recipe", nargs="?", help="TOML recipe, e.g. train/flickr8k.toml")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/last exactly where it stopped")
     for field in dataclasses.fields(TrainConfig):
+        if field.default is dataclasses.MISSING:
+            continue  # `datasets`, a list of tables: recipe files only
         flag = "--" + field.name.replace("_", "-")
         if isinstance(field.default, bool):
             p.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None)
@@ -98,10 +106,11 @@ def _train_parser(sub) -> argparse.ArgumentParser:
 
 
 def cmd_train(args) -> int:
-    from .training import TrainConfig, train
+    from .recipe import TrainConfig
+    from .training import train
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                 if getattr(args, f.name) is not None}
+                 if getattr(args, f.name, None) is not None}
     config = TrainConfig.from_toml(args.recipe, **overrides) if args.recipe else TrainConfig(**overrides)
     best = train(config, resume=args.resume)
     if os.environ.get("RANK", "0") == "0":
@@ -115,7 +124,7 @@ def cmd_eval(args) -> int:
     captioner = _load(args)
     report = evaluate(captioner, args.dataset, args.split, images=args.images, format=args.format,
                       method=args.method, out_dir=args.out, batch_size=args.batch_size, workers=args.workers,
-                      limit=args.limit, **_decoding_options(args))
+                      limit=args.limit, objects=args.objects, **_decoding_options(args))
     print(format_report(report))
     if args.out:
         print(f"wrote {Path(args.out) / 'predictions.jsonl'} and {Path(args.out) / 'scores.json'}")
@@ -127,13 +136,18 @@ def cmd_export(args) -> int:
 
     from .decoder import keep_members
     from .model import Captioner
-    from .training import TrainConfig, report_test
+    from .recipe import TrainConfig
+    from .training import report_test
 
     captioner = Captioner.from_pretrained(args.checkpoint, device="cpu")
     training = {k: v for k, v in captioner.config.get("training", {}).items() if k != "test"}
     if args.members:
         captioner.decoder = keep_members(captioner.decoder, args.members)
         training["members_kept"] = args.members
+    for setting in ("evidence_weight", "evidence_threshold"):
+        if getattr(args, setting) is not None:  # the decoding default the exported model carries
+            setattr(captioner.decoder.config, setting, getattr(args, setting))
+            training[setting] = getattr(args, setting)
     dtype = torch.float16 if args.fp16 else torch.float32
     out = captioner.save_pretrained(args.out, training=training, dtype=dtype)
     if args.score:
@@ -141,6 +155,30 @@ def cmd_export(args) -> int:
         report_test(recipe, out, Path(args.score), dtype=dtype)
     size = sum(p.stat().st_size for p in out.iterdir())
     print(f"wrote {out} ({size / 2**20:.1f} MiB)")
+    return EXIT_OK
+
+
+def cmd_explain(args) -> int:
+    from .explain import overlay
+    from .images import load_image
+
+    captioner = _load(args)
+    explanation = captioner.explain(args.image, caption=args.caption, method=args.method, maps=args.maps,
+                                    **_decoding_options(args))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    photo = load_image(args.image)
+    record = explanation.to_dict()
+    for i, (word, entry) in enumerate(zip(explanation.words, record["words"]), 1):
+        name = f"{i:02d}_{''.join(c for c in word.word if c.isalnum()) or 'word'}.png"
+        overlay(photo, word.heatmap).save(out / name)
+        entry["overlay"] = name
+    (out / "explanation.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    print(explanation.caption)
+    for word in explanation.words:
+        others = ", ".join(f"{w} {p:.2f}" for w, p in word.alternatives)
+        print(f"  {word.word:<12} {word.probability:.2f}   instead: {others}")
+    print(f"wrote {len(explanation.words)} overlays and explanation.json to {out}")
     return EXIT_OK
 
 
@@ -174,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None,
                    help="image-decoding processes (default: 0, i.e. this process, on 2 cores or fewer; else 1)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (each file: seed + CRC32 of its path)")
+    p.add_argument("--labels", type=int, default=0, metavar="K",
+                   help="JSONL only: add each image's top-K ImageNet labels (what the encoder sees)")
     _add_device_options(p)
     _add_decoding_options(p)
     p.set_defaults(func=cmd_caption)
@@ -191,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--workers", type=int, default=None, help="as for caption")
     p.add_argument("--limit", type=int, default=0, help="score only the first N images")
+    p.add_argument("--objects", default=None, metavar="SYNONYMS",
+                   help="CHAIR table of COCO objects and their words (e.g. ../shared/data/coco_objects/synonyms.txt): "
+                        "also report object hallucination (CHAIRs, CHAIRi) and object recall")
     _add_device_options(p)
     _add_decoding_options(p, default_method="beam")
     p.set_defaults(func=cmd_eval)
@@ -204,7 +247,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score the exported model on its recipe's test split, record it in its config, "
                         "and write predictions and scores to DIR")
     p.add_argument("--dataset", default=None, help="with --score: the dataset, if not where the recipe had it")
+    p.add_argument("--evidence-weight", type=float, default=None,
+                   help="the decoding default the exported model carries (see captioner caption --help)")
+    p.add_argument("--evidence-threshold", type=float, default=None)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("explain", help="per-word heat maps and word probabilities of one image's caption")
+    p.add_argument("image")
+    p.add_argument("--out", required=True, help="folder for one overlay PNG per word and explanation.json")
+    p.add_argument("--caption", default=None, help="explain this caption instead of the model's own")
+    p.add_argument("--maps", choices=("auto", "grad-cam", "attention"), default="auto",
+                   help="auto: attention weights for a decoder with attention, else Grad-CAM")
+    p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the built-in model)")
+    _add_device_options(p)
+    _add_decoding_options(p)
+    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("info", help="print a checkpoint's config")
     p.add_argument("checkpoint", nargs="?", default=None)

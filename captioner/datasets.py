@@ -3,7 +3,12 @@
 Formats: Flickr token files with split lists (Flickr8k/30k), Karpathy's split JSON, COCO caption
 annotations, and a plain CSV/JSONL of `image,caption[,split]`. `load_dataset` detects which.
 Problems (malformed lines, missing images, ...) are collected as "file:line: reason" and reported,
-never silently dropped; `strict=True` turns any of them into an error.
+never silently dropped; `strict=True` turns any of them into an error. `load_datasets` reads several
+(each its own format and image folder) as one, splits merged by name.
+
+Caption styles need no per-dataset handling: COCO's mixed case and final period without a space,
+and Flickr's tokenised "a dog runs .", become the same lowercase words in `vocab.tokenize`, which
+training and every metric go through.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ class ImageCaptions:
     image: Path
     captions: list[str]
     split: str | None = None
+    dataset: str = ""  # the part of a combined dataset it came from
 
 
 @dataclass
@@ -37,12 +43,27 @@ class CaptionDataset:
     format: str
     records: list[ImageCaptions]
     problems: list[str] = field(default_factory=list)
+    # a combined dataset: each part's name -> (its annotation source, its format)
+    sources: dict[str, tuple[Path, str]] = field(default_factory=dict)
 
     def split(self, name: str) -> list[ImageCaptions]:
         name = SPLIT_ALIASES.get(name, name)
         return [r for r in self.records if r.split == name]
 
+    def parts(self) -> list[str]:
+        """The names of the datasets combined in this one, in order ([""] for a single dataset)."""
+        return list(dict.fromkeys(r.dataset for r in self.records))
+
     def summary(self) -> str:
+        if len(self.parts()) > 1:
+            lines = [f"{len(self.parts())} datasets, {len(self.records):,} images:"]
+            for name in self.parts():
+                part = CaptionDataset(*self.sources[name], [r for r in self.records if r.dataset == name])
+                lines.append(f"  {name}: " + part.summary())
+            if self.problems:
+                lines.append(f"{len(self.problems):,} problem(s), first ones:")
+                lines += [f"  {p}" for p in self.problems[:5]]
+            return "\n".join(lines)
         splits = Counter(r.split or "none" for r in self.records)
         caps = Counter()
         for r in self.records:
@@ -303,3 +324,34 @@ def load_dataset(path: str | Path, images: str | Path | None = None, format: str
     if strict and dataset.problems:
         raise DatasetError(f"{path}: --strict and the dataset has problems\n{dataset.summary()}")
     return dataset
+
+
+def load_datasets(specs: list[dict], strict: bool = False) -> CaptionDataset:
+    """Several datasets read as one: each spec is {path, images?, format?, name?}; records keep the
+    name of the dataset they came from (default: the path's folder name) and splits merge by name."""
+    if not specs:
+        raise DatasetError("no datasets given")
+    records, problems, sources = [], [], {}
+    for n, spec in enumerate(specs):
+        if not isinstance(spec, dict) or not isinstance(spec.get("path"), str):
+            raise DatasetError(f"datasets[{n}]: needs a 'path' (and optionally 'images', 'format', 'name')")
+        unknown = sorted(set(spec) - {"path", "images", "format", "name"})
+        if unknown:
+            raise DatasetError(f"datasets[{n}]: unknown field(s) {', '.join(unknown)}")
+        path = Path(spec["path"])
+        name = spec.get("name") or (path.name if path.is_dir() else path.parent.name)
+        if name in sources:
+            raise DatasetError(f"datasets[{n}]: a second dataset named {name!r}; give each a 'name'")
+        part = load_dataset(path, spec.get("images"), spec.get("format"), strict=strict)
+        sources[name] = (part.source, part.format)
+        for record in part.records:
+            record.dataset = name
+        records += part.records
+        problems += part.problems
+    seen: dict[Path, str] = {}
+    for record in records:
+        key = record.image.resolve()
+        if key in seen and seen[key] != record.dataset:
+            problems.append(f"{record.image}: in both {seen[key]} and {record.dataset}; kept twice")
+        seen[key] = record.dataset
+    return CaptionDataset(Path(specs[0]["path"]), "combined", records, problems, sources)

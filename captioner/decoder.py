@@ -3,7 +3,15 @@
 With `attention_dim` the decoder takes the encoder's spatial map instead of pooled features: W_ih
 still starts the LSTM from the pooled map, and at every word the LSTM's output also looks over the
 map's regions (spatial attention after the LSTM, Lu et al. 2017), so the fused LSTM still runs the
-whole caption at once in training."""
+whole caption at once in training.
+
+With `labels` and `concepts` the decoder also reads what the image evidently shows: the encoder's
+ImageNet class probabilities (carried after the pooled features) and its own concept detectors
+(trained on which words the image's captions use). Both enter as one LSTM input step before
+<start> (semantic attributes, Wu et al. and You et al., CVPR 2016); at decoding,
+`evidence_weight` > 0 also lowers each concept word's log-probability by
+`evidence_weight * log(support / evidence_threshold)` where its support (concept probability, or the
+probability of the ImageNet classes whose everyday word it is) is below the threshold."""
 
 from __future__ import annotations
 
@@ -35,6 +43,14 @@ class DecoderConfig:
     # > 0: attend over the spatial map's regions through this many units (the decoder then takes
     # B x C x h x w maps instead of B x C pooled features).
     attention_dim: int = 0
+    # The last `labels` feature dimensions are the encoder's class probabilities (0: none).
+    labels: int = 0
+    # Concept detectors on the image features, one per concept word (0: none).
+    concepts: int = 0
+    # Decoding: how strongly, and below what support, object words the image does not support are
+    # penalised (0: not at all). Captioner.decode can override both.
+    evidence_weight: float = 0.0
+    evidence_threshold: float = 0.5
 
     def __post_init__(self):
         if self.image_feed not in IMAGE_FEEDS:
@@ -45,6 +61,21 @@ class DecoderConfig:
             raise ValueError("members must be at least 1")
         if self.attention_dim < 0:
             raise ValueError("attention_dim must be 0 (no attention) or positive")
+        if self.labels and self.attention_dim:
+            raise ValueError("labels need pooled features; a decoder with attention_dim > 0 reads maps")
+        if self.labels < 0 or self.concepts < 0:
+            raise ValueError("labels and concepts must be 0 (none) or positive")
+        if not 0 < self.evidence_threshold <= 1:
+            raise ValueError("evidence_threshold must be in (0, 1]")
+
+    @property
+    def image_dim(self) -> int:
+        """The feature dimensions that describe the image (the encoder's labels excluded)."""
+        return self.feature_dim - self.labels
+
+    @property
+    def reads_evidence(self) -> bool:
+        return self.labels > 0 or self.concepts > 0
 
     @property
     def takes_map(self) -> bool:
@@ -70,10 +101,13 @@ class SpatialAttention(nn.Module):
         """B x C x h x w map -> B x (h*w) x A projected regions, computed once per image."""
         return self.regions(fmap.flatten(2).transpose(1, 2))
 
+    def weights(self, hidden: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        """hidden N x H, memory N x L x A -> N x L: how much each region counts for this word."""
+        return self.score(torch.tanh(memory + self.query(hidden)[:, None])).squeeze(-1).softmax(-1)
+
     def forward(self, hidden: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         """hidden N x H, memory N x L x A -> N x H."""
-        weights = self.score(torch.tanh(memory + self.query(hidden)[:, None])).squeeze(-1).softmax(-1)
-        return hidden + self.context(torch.bmm(weights[:, None], memory)[:, 0])
+        return hidden + self.context(torch.bmm(self.weights(hidden, memory)[:, None], memory)[:, 0])
 
 
 class CaptionDecoder(nn.Module):
@@ -83,7 +117,13 @@ class CaptionDecoder(nn.Module):
         self.feeds_state = c.image_feed in ("state", "both")
         self.feeds_input = c.image_feed in ("input", "both")
         state_size = 2 * c.num_layers * c.hidden_dim if self.feeds_state else 0
-        self.w_ih = nn.Linear(c.feature_dim, state_size + (c.embed_dim if self.feeds_input else 0))
+        self.w_ih = nn.Linear(c.image_dim, state_size + (c.embed_dim if self.feeds_input else 0))
+        self.concept_head = nn.Linear(c.image_dim, c.concepts) if c.concepts else None
+        self.evidence = nn.Linear(c.labels + c.concepts, c.embed_dim) if c.reads_evidence else None
+        # Which vocabulary word each concept detector and each ImageNet class stands for (-1: none);
+        # set by training, saved with the weights.
+        self.register_buffer("concept_words", torch.full((c.concepts,), -1, dtype=torch.long) if c.concepts else None)
+        self.register_buffer("label_words", torch.full((c.labels,), -1, dtype=torch.long) if c.labels else None)
         self.embed = nn.Embedding(c.vocab_size, c.embed_dim, padding_idx=0)
         self.lstm = nn.LSTM(c.embed_dim, c.hidden_dim, c.num_layers, batch_first=True,
                             dropout=c.dropout if c.num_layers > 1 else 0.0)
@@ -96,23 +136,55 @@ class CaptionDecoder(nn.Module):
             self.classifier.weight = self.embed.weight
         self.attention = SpatialAttention(c.feature_dim, c.hidden_dim, c.attention_dim) if c.takes_map else None
 
+    def set_evidence_words(self, concept_words: torch.Tensor, label_words: torch.Tensor) -> None:
+        self.concept_words.copy_(concept_words)
+        self.label_words.copy_(label_words)
+
+    def concept_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """B x concepts logits of the concept detectors (trained on the caption words an image uses)."""
+        pooled = features.mean(dim=(2, 3)) if self.attention is not None else features
+        return self.concept_head(pooled[:, :self.config.image_dim].float())
+
     def _project(self, features: torch.Tensor):
-        """-> (h0, c0) each layers x B x H, the image input step (B x 1 x E) or None, and the
-        attention memory (B x L x A) or None."""
+        """-> (h0, c0) each layers x B x H, the input steps before <start> (B x S x E, S >= 0), the
+        attention memory (B x L x A) or None, and the evidence (label probabilities, concept
+        probabilities; None for what the decoder does not read)."""
         c = self.config
         memory = None
         if self.attention is not None:
             memory = self.dropout(self.attention.memory(features))
             features = features.mean(dim=(2, 3))
-        projected = self.w_ih(self.feature_dropout(features))
+        image, label_probs = features[:, :c.image_dim], features[:, c.image_dim:]
+        projected = self.w_ih(self.feature_dropout(image))
         batch = features.size(0)
         if self.feeds_state:
             state = projected[:, : 2 * c.num_layers * c.hidden_dim].view(batch, 2, c.num_layers, c.hidden_dim)
             h0, c0 = state.permute(1, 2, 0, 3).contiguous().unbind(0)
         else:
             h0 = c0 = features.new_zeros(c.num_layers, batch, c.hidden_dim)
-        image_step = projected[:, -c.embed_dim:].unsqueeze(1) if self.feeds_input else None
-        return (h0, c0), image_step, memory
+        steps = [projected[:, -c.embed_dim:].unsqueeze(1)] if self.feeds_input else []
+        # Detached: the detectors learn from their own loss only and stay calibrated for decoding.
+        concept_probs = torch.sigmoid(self.concept_logits(features)).detach() if c.concepts else None
+        if self.evidence is not None:
+            evidence = torch.cat([p for p in (label_probs, concept_probs) if p is not None], dim=1)
+            steps.append(self.evidence(evidence.to(projected.dtype)).unsqueeze(1))
+        prefix = torch.cat(steps, dim=1) if steps else projected.new_zeros(batch, 0, c.embed_dim)
+        return (h0, c0), prefix, memory, (label_probs if c.labels else None, concept_probs)
+
+    def evidence_bias(self, label_probs, concept_probs, weight: float, threshold: float) -> torch.Tensor | None:
+        """B x V additions to the word logits: `weight * log(support / threshold)` for concept
+        words whose support is below `threshold`, 0 elsewhere; None when there is nothing to add."""
+        if weight <= 0 or concept_probs is None:
+            return None
+        support = concept_probs.float()
+        if label_probs is not None:
+            mapped = self.label_words >= 0
+            by_word = label_probs.new_zeros(label_probs.size(0), self.config.vocab_size).float()
+            by_word.index_add_(1, self.label_words[mapped], label_probs[:, mapped].float())
+            support = torch.maximum(support, by_word[:, self.concept_words])
+        bias = concept_probs.new_zeros(concept_probs.size(0), self.config.vocab_size).float()
+        bias[:, self.concept_words] = weight * torch.log(support.clamp_min(1e-6) / threshold).clamp(max=0)
+        return bias
 
     def _logits(self, hidden: torch.Tensor, memory: torch.Tensor | None) -> torch.Tensor:
         if self.attention is not None:
@@ -122,20 +194,27 @@ class CaptionDecoder(nn.Module):
             hidden = self.out_proj(hidden)
         return self.classifier(hidden)
 
-    def forward(self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Teacher forcing. `captions` is B x T (<start> ... <end>, 0-padded), `lengths` counts both
-        specials. Returns B x (T-1) x V logits aligned with `captions[:, 1:]`; padded steps are 0."""
-        state, image_step, memory = self._project(features)
-        inputs = self.dropout(self.embed(captions[:, :-1]))
-        steps = lengths.cpu() - 1
-        if image_step is not None:
-            inputs = torch.cat([image_step, inputs], dim=1)
-            steps = steps + 1
+    def _teacher_forced(self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor):
+        """-> LSTM outputs B x (T-1) x H for each word's position, and the attention memory."""
+        state, prefix, memory, _ = self._project(features)
+        inputs = torch.cat([prefix, self.dropout(self.embed(captions[:, :-1]))], dim=1)
+        steps = lengths.cpu() - 1 + prefix.size(1)
         packed = pack_padded_sequence(inputs, steps, batch_first=True, enforce_sorted=False)
         out, _ = self.lstm(packed, state)
         out, _ = pad_packed_sequence(out, batch_first=True, total_length=inputs.size(1))
-        if image_step is not None:
-            out = out[:, 1:]
+        return out[:, prefix.size(1):], memory
+
+    def attention_weights(self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing, for a decoder with attention: B x (T-1) x L weights over the map's regions
+        at each position (the region weights that word was predicted with)."""
+        out, memory = self._teacher_forced(features, captions, lengths)
+        b, t, h = out.shape
+        return self.attention.weights(out.reshape(b * t, h), memory.repeat_interleave(t, dim=0)).view(b, t, -1)
+
+    def forward(self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing. `captions` is B x T (<start> ... <end>, 0-padded), `lengths` counts both
+        specials. Returns B x (T-1) x V logits aligned with `captions[:, 1:]`; padded steps are 0."""
+        out, memory = self._teacher_forced(features, captions, lengths)
         # The vocabulary projection is the costliest layer: run it on real tokens only.
         real = torch.arange(out.size(1), device=out.device) < (lengths.to(out.device) - 1)[:, None]
         logits = out.new_zeros(*out.shape[:2], self.config.vocab_size)
@@ -144,21 +223,30 @@ class CaptionDecoder(nn.Module):
         logits[real] = self._logits(out[real], memory).to(logits.dtype)
         return logits
 
-    def start(self, features: torch.Tensor):
-        """The decoding state after seeing the image, ready for the <start> token: the LSTM's (h, c)
-        and the attention memory (or None). Every tensor in it has the batch on dim 1, so decoding
-        reorders them all alike; the memory is kept as L x B x A for that."""
-        state, image_step, memory = self._project(features)
-        if image_step is not None:
-            _, state = self.lstm(image_step, state)
-        return state, None if memory is None else memory.transpose(0, 1)
+    def start(self, features: torch.Tensor, evidence_weight: float | None = None,
+              evidence_threshold: float | None = None):
+        """The decoding state after seeing the image, ready for the <start> token: the LSTM's (h, c),
+        the attention memory (or None) and the evidence bias on the word logits (or None). Every
+        tensor in it has the batch on dim 1, so decoding reorders them all alike; the memory is kept
+        as L x B x A and the bias as 1 x B x V for that."""
+        state, prefix, memory, (label_probs, concept_probs) = self._project(features)
+        if prefix.size(1):
+            _, state = self.lstm(prefix, state)
+        c = self.config
+        bias = self.evidence_bias(label_probs, concept_probs,
+                                  c.evidence_weight if evidence_weight is None else evidence_weight,
+                                  c.evidence_threshold if evidence_threshold is None else evidence_threshold)
+        return (state, None if memory is None else memory.transpose(0, 1),
+                None if bias is None else bias.unsqueeze(0))
 
     def step(self, tokens: torch.Tensor, state):
         """One decoding step for a batch of tokens (N,) -> (logits N x V, new state)."""
-        lstm_state, memory = state
+        lstm_state, memory, bias = state
         out, lstm_state = self.lstm(self.embed(tokens).unsqueeze(1), lstm_state)
         logits = self._logits(out[:, 0], None if memory is None else memory.transpose(0, 1))
-        return logits, (lstm_state, memory)
+        if bias is not None:
+            logits = logits.float() + bias[0]
+        return logits, (lstm_state, memory, bias)
 
 
 class DecoderEnsemble(nn.Module):
@@ -174,8 +262,17 @@ class DecoderEnsemble(nn.Module):
         """-> members x B x (T-1) x V logits."""
         return torch.stack([m(features, captions, lengths) for m in self.members])
 
-    def start(self, features: torch.Tensor):
-        return tuple(m.start(features) for m in self.members)
+    def set_evidence_words(self, concept_words: torch.Tensor, label_words: torch.Tensor) -> None:
+        for m in self.members:
+            m.set_evidence_words(concept_words, label_words)
+
+    def concept_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """-> members x B x concepts."""
+        return torch.stack([m.concept_logits(features) for m in self.members])
+
+    def start(self, features: torch.Tensor, evidence_weight: float | None = None,
+              evidence_threshold: float | None = None):
+        return tuple(m.start(features, evidence_weight, evidence_threshold) for m in self.members)
 
     def step(self, tokens: torch.Tensor, state):
         outputs = [m.step(tokens, s) for m, s in zip(self.members, state)]

@@ -70,12 +70,12 @@ def _collect(tokens: torch.Tensor, logps: torch.Tensor) -> list[Caption]:
     return out
 
 
-def _run(decoder: CaptionDecoder, features: torch.Tensor, max_length: int, choose) -> list[Caption]:
+def _run(decoder: CaptionDecoder, features: torch.Tensor, max_length: int, choose, evidence: dict | None) -> list[Caption]:
     """Shared loop of greedy and sampling: `choose(logp, step, rows)` picks one token for each of
     `rows`, the sequences still running. A sequence leaves the batch once it has ended, so every
     step costs only what is still being written."""
     n, device = features.size(0), features.device
-    state = decoder.start(features)
+    state = decoder.start(features, **(evidence or {}))
     rows = torch.arange(n, device=device)
     tokens = torch.full((n,), START, dtype=torch.long, device=device)
     chosen = torch.full((n, max_length), PAD, dtype=torch.long, device=device)
@@ -96,8 +96,11 @@ def _run(decoder: CaptionDecoder, features: torch.Tensor, max_length: int, choos
 
 
 @torch.inference_mode()
-def greedy(decoder: CaptionDecoder, features: torch.Tensor, max_length: int = 20) -> list[list[Caption]]:
-    return [[c] for c in _run(decoder, features, max_length, lambda logp, t, rows: logp.argmax(-1))]
+def greedy(decoder: CaptionDecoder, features: torch.Tensor, max_length: int = 20,
+           evidence: dict | None = None) -> list[list[Caption]]:
+    """`evidence`, for this and the other methods: evidence_weight / evidence_threshold overriding
+    the decoder's own (decoder.py)."""
+    return [[c] for c in _run(decoder, features, max_length, lambda logp, t, rows: logp.argmax(-1), evidence)]
 
 
 def _filter_logits(logp: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -116,7 +119,8 @@ def _filter_logits(logp: torch.Tensor, temperature: float, top_k: int, top_p: fl
 
 @torch.inference_mode()
 def sample(decoder: CaptionDecoder, features: torch.Tensor, *, seeds: list[int], temperature: float = 1.0,
-           top_k: int = 0, top_p: float = 1.0, num_samples: int = 1, max_length: int = 20) -> list[list[Caption]]:
+           top_k: int = 0, top_p: float = 1.0, num_samples: int = 1, max_length: int = 20,
+           evidence: dict | None = None) -> list[list[Caption]]:
     """Samples `num_samples` captions per image. Image i draws its randomness from its own generator
     seeded with `seeds[i]`, so a caption does not depend on which batch its image landed in."""
     if len(seeds) != features.size(0):
@@ -136,7 +140,7 @@ def sample(decoder: CaptionDecoder, features: torch.Tensor, *, seeds: list[int],
         picked = torch.searchsorted(cdf, (uniforms[rows, t] * cdf[:, -1])[:, None])[:, 0]
         return picked.clamp_(max=probs.size(-1) - 1)
 
-    flat = _run(decoder, expanded, max_length, choose)
+    flat = _run(decoder, expanded, max_length, choose, evidence)
     return [flat[i * num_samples:(i + 1) * num_samples] for i in range(features.size(0))]
 
 
@@ -161,13 +165,13 @@ def length_penalty(length: int, alpha: float) -> float:
 
 @torch.inference_mode()
 def beam_search(decoder: CaptionDecoder, features: torch.Tensor, beam_size: int = 3, length_penalty_alpha: float = 0.0,
-                max_length: int = 20, no_repeat_ngram_size: int = 0) -> list[list[Caption]]:
+                max_length: int = 20, no_repeat_ngram_size: int = 0, evidence: dict | None = None) -> list[list[Caption]]:
     """Beams flattened to (B*K); ended beams stay in the beam with a frozen score until all K of an
     image have ended. Beams are ranked by log-probability / length_penalty at the end. With
     beam_size=1 this is exactly greedy decoding."""
     b, k, device = features.size(0), beam_size, features.device
     vocab = decoder.config.vocab_size
-    state = map_state(lambda s: s.repeat_interleave(k, dim=1), decoder.start(features))
+    state = map_state(lambda s: s.repeat_interleave(k, dim=1), decoder.start(features, **(evidence or {})))
     scores = torch.full((b, k), float("-inf"), device=device)
     scores[:, 0] = 0.0
     tokens = torch.zeros(b, k, 0, dtype=torch.long, device=device)

@@ -30,21 +30,48 @@ class EncoderWeightsError(RuntimeError):
 
 
 class Encoder(nn.Module):
-    """A CNN trunk that maps B x 3 x H x W images to pooled features (B x D), or the spatial map."""
+    """A CNN trunk that maps B x 3 x H x W images to pooled features (B x D), or the spatial map.
 
-    def __init__(self, name: str, weights_id: str | None, trunk: nn.Sequential, transform: ImageTransform):
+    `classifier` is the network's own ImageNet head on the pooled features (None where the network's
+    head does not read them). With `with_labels` the pooled features carry its class probabilities
+    after them (B x (D + classes)): what the encoder recognises travels to the decoder with the
+    features, through the feature cache and every decoding path alike."""
+
+    def __init__(self, name: str, weights_id: str | None, trunk: nn.Sequential, transform: ImageTransform,
+                 classifier: nn.Module | None = None):
         super().__init__()
         self.name, self.weights_id, self.transform = name, weights_id, transform
         self.trunk = trunk
+        self.classifier = classifier.requires_grad_(False) if classifier is not None else None
         with torch.no_grad():
             was_training = trunk.training
             trunk.eval()
-            self.feature_dim = int(trunk(torch.zeros(1, 3, 64, 64)).shape[1])
+            self.pooled_dim = int(trunk(torch.zeros(1, 3, 64, 64)).shape[1])
             trunk.train(was_training)
+            self.num_classes = int(classifier.eval()(torch.zeros(1, self.pooled_dim)).shape[1]) if classifier else 0
+        self.with_labels = False
         self.trainable_blocks = 0
         # How many last blocks no longer hold the pretrained weights; checkpoints store those.
         self.fine_tuned_blocks = 0
         self.set_trainable_blocks(0)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.pooled_dim + (self.num_classes if self.with_labels else 0)
+
+    def set_labels(self, on: bool) -> None:
+        """Whether pooled features carry the classifier's class probabilities after them."""
+        if on and self.classifier is None:
+            raise ValueError(f"encoder {self.name} has no ImageNet classifier on its pooled features")
+        self.with_labels = on
+
+    def label_probs(self, features: torch.Tensor) -> torch.Tensor:
+        """Class probabilities (B x classes) of pooled features, with or without labels appended."""
+        if self.classifier is None:
+            raise ValueError(f"encoder {self.name} has no ImageNet classifier on its pooled features")
+        if features.size(1) == self.pooled_dim + self.num_classes:
+            return features[:, self.pooled_dim:]
+        return self.classifier(features[:, :self.pooled_dim].float()).softmax(-1)
 
     @property
     def blocks(self) -> list[nn.Module]:
@@ -87,7 +114,15 @@ class Encoder(nn.Module):
         """The trainable blocks on `boundary` activations -> pooled B x D features, or with `spatial`
         the B x D x h x w map they are the mean of."""
         fmap = self.trunk[self.frozen_blocks:](activations.contiguous(memory_format=torch.channels_last))
-        return fmap if spatial else fmap.mean(dim=(2, 3))
+        return fmap if spatial else self.pool(fmap)
+
+    def pool(self, fmap: torch.Tensor) -> torch.Tensor:
+        """The features of a B x D x h x w map: its mean, and with `with_labels` the classifier's
+        class probabilities after it."""
+        pooled = fmap.mean(dim=(2, 3))
+        if not self.with_labels:
+            return pooled
+        return torch.cat([pooled, self.classifier(pooled.float()).softmax(-1).to(pooled.dtype)], dim=1)
 
     def forward(self, images: torch.Tensor, spatial: bool = False) -> torch.Tensor:
         return self.from_boundary(self.boundary(images), spatial)
@@ -99,7 +134,7 @@ def _lite_encoder(name: str, pretrained: bool) -> Encoder:
     size = LITE_VARIANTS[name].resolution
     transform = ImageTransform(size=size, resize=round(size / 0.875), mean=LITE_MEAN, std=LITE_STD)
     weights_id = Path(weights_file(name)).stem if pretrained else None
-    return Encoder(name, weights_id, trunk, transform)
+    return Encoder(name, weights_id, trunk, transform, model.classifier)
 
 
 def _torchvision_trunk(name: str, model: nn.Module) -> nn.Sequential:
@@ -112,6 +147,21 @@ def _torchvision_trunk(name: str, model: nn.Module) -> nn.Sequential:
     if isinstance(getattr(model, "features", None), nn.Sequential):  # ConvNeXt, EfficientNet, MobileNet, VGG...
         return model.features
     raise ValueError(f"torchvision model {name!r} has no convolutional trunk this encoder knows how to take")
+
+
+def _torchvision_classifier(model: nn.Module) -> nn.Module | None:
+    """The ImageNet head, where it reads the globally pooled trunk output (None elsewhere, e.g. VGG)."""
+    head = getattr(model, "fc", None)  # ResNet, RegNet
+    if isinstance(head, nn.Linear):
+        return head
+    head = getattr(model, "classifier", None)
+    if isinstance(head, nn.Sequential):
+        first = next((m for m in head if not isinstance(m, nn.Dropout)), None)
+        if isinstance(first, nn.Linear):  # EfficientNet, MobileNet
+            return head
+        if type(first).__name__ == "LayerNorm2d":  # ConvNeXt: it normalises a B x C x 1 x 1 map
+            return nn.Sequential(nn.Unflatten(1, (-1, 1, 1)), head)
+    return None
 
 
 def _resolve_torchvision_weights(name: str, weights: str):
@@ -152,11 +202,12 @@ def _torchvision_encoder(name: str, weights: str, pretrained: bool) -> Encoder:
         size=preset.crop_size[0], resize=preset.resize_size[0], mean=tuple(preset.mean), std=tuple(preset.std),
         interpolation=preset.interpolation.value,
     )
-    return Encoder(name, str(entry) if pretrained else None, _torchvision_trunk(name, model), transform)
+    return Encoder(name, str(entry) if pretrained else None, _torchvision_trunk(name, model), transform,
+                   _torchvision_classifier(model))
 
 
 def build_encoder(name: str = "efficientnet_lite0", weights: str = "DEFAULT", pretrained: bool = True,
-                  trainable_blocks: int = 0) -> Encoder:
+                  trainable_blocks: int = 0, with_labels: bool = False) -> Encoder:
     """Builds a frozen encoder and its preprocessing.
 
     `weights` names a torchvision weights enum member ("DEFAULT", "IMAGENET1K_V2" or
@@ -168,4 +219,5 @@ def build_encoder(name: str = "efficientnet_lite0", weights: str = "DEFAULT", pr
     else:
         encoder = _torchvision_encoder(name, weights, pretrained)
     encoder.set_trainable_blocks(trainable_blocks)
+    encoder.set_labels(with_labels)
     return encoder.to(memory_format=torch.channels_last).eval()

@@ -7,15 +7,19 @@ import os
 from pathlib import Path
 
 from .datasets import load_dataset
+from .hallucination import ObjectTable, hallucination
 from .metrics import caption_stats, score_captions
 from .model import Captioner
 
 
 def evaluate(captioner: Captioner, dataset: str | Path, split: str = "test", *, images: str | None = None,
              format: str | None = None, method: str = "beam", out_dir: str | Path | None = None,
-             batch_size: int = 50, workers: int | None = None, limit: int = 0, **options) -> dict:
-    """-> scores (BLEU-1..4, METEOR, ROUGE-L, CIDEr) and caption stats; with `out_dir`, writes
-    predictions.jsonl and scores.json there."""
+             batch_size: int = 50, workers: int | None = None, limit: int = 0, objects: str | Path | None = None,
+             **options) -> dict:
+    """-> scores (BLEU-1..4, METEOR, ROUGE-L, CIDEr) and caption stats, and with `objects` (the
+    CHAIR table) object hallucination and recall; with `out_dir`, writes predictions.jsonl and
+    scores.json there."""
+    table = ObjectTable.load(objects) if objects else None  # a bad table fails before captioning
     data = load_dataset(dataset, images, format)
     records = data.split(split)
     if not records:
@@ -38,6 +42,8 @@ def evaluate(captioner: Captioner, dataset: str | Path, split: str = "test", *, 
     stats = caption_stats(list(predictions.values()), ended)
     report = {"dataset": str(dataset), "split": split, "method": method, "options": options, "scores": scores,
               "stats": stats, "failed_images": len(records) - len(predictions)}
+    if table is not None:
+        report["hallucination"] = hallucination(predictions, references, table)
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -61,4 +67,10 @@ def format_report(report: dict) -> str:
         f"distinct words {st['distinct_words']}, distinct captions {st['distinct_captions']}/{st['captions']}, "
         f"mean length {st['mean_length']:.1f}, cut mid-phrase {st['cut_mid_phrase']}, "
         f"hit max length {st['hit_max_length']}",
-    ])
+    ] + ([_format_hallucination(report["hallucination"])] if "hallucination" in report else []))
+
+
+def _format_hallucination(h: dict) -> str:
+    invented = ", ".join(f"{obj} {n}" for obj, n in h["most_invented"])
+    return (f"CHAIRs {h['CHAIRs']:.1f}%  CHAIRi {h['CHAIRi']:.1f}%  object recall {h['object_recall']:.1f}%  "
+            f"({h['object_mentions']} object mentions; most invented: {invented or 'none'})")

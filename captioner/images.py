@@ -148,6 +148,17 @@ class ImageTransform:
         left, top = (w - self.size) // 2, (h - self.size) // 2
         return img.crop((left, top, left + self.size, top + self.size))
 
+    def crop_box(self, width: int, height: int) -> tuple[float, float, float, float]:
+        """The part of a `width` x `height` image that `resized` keeps, in that image's pixels
+        (left, top, right, bottom): where a map over the model's input lies on the photo."""
+        if self.resize is None:
+            return 0.0, 0.0, float(width), float(height)
+        scale = self.resize / min(width, height)
+        w, h = max(self.size, round(width * scale)), max(self.size, round(height * scale))
+        left, top = (w - self.size) // 2, (h - self.size) // 2
+        sx, sy = width / w, height / h
+        return left * sx, top * sy, (left + self.size) * sx, (top + self.size) * sy
+
     def to_tensor(self, img: Image.Image) -> torch.Tensor:
         # (x / 255 - mean) / std as one scale and one shift, on a contiguous CHW copy: half the time
         x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous().float()

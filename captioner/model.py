@@ -16,8 +16,9 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .decoder import CaptionDecoder
 from .encoders import Encoder
 from .images import MAX_IMAGE_PIXELS, ImageError, ImageInput, ImageTransform, describe, image_batches
+from .labels import Label, top_labels
 from .runtime import autocast, autocast_dtype
-from .vocab import Vocabulary, detokenize
+from .vocab import Vocabulary, agree, detokenize
 
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 BUILTIN = "flickr8k"
@@ -46,6 +47,7 @@ class ImageResult:
     source: str
     captions: list[GeneratedCaption] = field(default_factory=list)
     error: str | None = None
+    labels: list[Label] | None = None  # what the encoder sees, when asked for (`labels=k`)
 
     @property
     def text(self) -> str | None:
@@ -92,21 +94,26 @@ class Captioner:
     def decode(self, features: torch.Tensor, method: str = "greedy", *, seeds: Sequence[int] | None = None,
                beam_size: int = 3, length_penalty: float = 0.0, no_repeat_ngram_size: int = 0,
                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, num_samples: int = 1,
-               max_length: int = 20) -> list[list[GeneratedCaption]]:
+               max_length: int = 20, evidence_weight: float | None = None,
+               evidence_threshold: float | None = None) -> list[list[GeneratedCaption]]:
+        """`evidence_weight`/`evidence_threshold`: how object words the image does not support are
+        penalised (decoder.py); None keeps the checkpoint's own setting."""
+        evidence = {"evidence_weight": evidence_weight, "evidence_threshold": evidence_threshold}
         if method == "greedy":
-            raw = decoding.greedy(self.decoder, features, max_length=max_length)
+            raw = decoding.greedy(self.decoder, features, max_length=max_length, evidence=evidence)
         elif method == "beam":
             raw = decoding.beam_search(self.decoder, features, beam_size=beam_size, length_penalty_alpha=length_penalty,
-                                       max_length=max_length, no_repeat_ngram_size=no_repeat_ngram_size)
+                                       max_length=max_length, no_repeat_ngram_size=no_repeat_ngram_size,
+                                       evidence=evidence)
         elif method == "sample":
             raw = decoding.sample(self.decoder, features, seeds=list(seeds), temperature=temperature, top_k=top_k,
-                                  top_p=top_p, num_samples=num_samples, max_length=max_length)
+                                  top_p=top_p, num_samples=num_samples, max_length=max_length, evidence=evidence)
         else:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
         return [[self._to_text(c) for c in per_image] for per_image in raw]
 
     def _to_text(self, caption: decoding.Caption) -> GeneratedCaption:
-        words = self.vocab.words(caption.tokens)
+        words = agree(self.vocab.words(caption.tokens), self.vocab.stoi)
         return GeneratedCaption(detokenize(words), words, caption.logprob, caption.token_logprobs, caption.ended,
                                 caption.score)
 
@@ -114,10 +121,32 @@ class Captioner:
     def _base_seed(seed: int | None) -> int:
         return random.SystemRandom().randrange(2**31) if seed is None else seed
 
-    def generate(self, images: ImageInput | Sequence[ImageInput], method: str = "greedy", *, seed: int | None = None,
-                 batch_size: int = 32, **options) -> list[ImageResult]:
+    def _pooled(self, features: torch.Tensor) -> torch.Tensor:
+        """Pooled features for the classifier: `features` themselves unless the decoder reads maps."""
+        return features.mean(dim=(2, 3)) if self.decoder.config.takes_map else features
+
+    def explain(self, image: ImageInput, caption: str | None = None, method: str = "greedy", **options):
+        """Per-word heat maps, word probabilities and alternatives, and the encoder's labels for one
+        image's caption, or for a given `caption` (explain.py)."""
+        from .explain import explain
+
+        return explain(self, image, caption, method, **options)
+
+    def labels(self, images: ImageInput | Sequence[ImageInput], k: int = 5, batch_size: int = 32):
+        """What the encoder sees: the `k` most probable ImageNet classes of each image, each with
+        its everyday word and probability, most probable first. One input -> a list of `Label`s;
+        a list of inputs -> a list of those. A bad input raises its `ImageError`."""
+        results = self.generate(images, method=None, labels=k, batch_size=batch_size)
+        for r in results:
+            if r.error:
+                raise ImageError(r.error)
+        return results[0].labels if _is_single(images) else [r.labels for r in results]
+
+    def generate(self, images: ImageInput | Sequence[ImageInput], method: str | None = "greedy", *,
+                 seed: int | None = None, batch_size: int = 32, labels: int = 0, **options) -> list[ImageResult]:
         """Captions in-memory inputs (paths, bytes, PIL images, arrays); a bad input gets its error,
-        the rest still caption. Sampling: image i of the call uses seed `seed + i`."""
+        the rest still caption. Sampling: image i of the call uses seed `seed + i`. `labels=k`
+        also gives each result its top-k ImageNet labels; `method=None` gives labels only."""
         items = [images] if _is_single(images) else list(images)
         results = [ImageResult(describe(x)) for x in items]
         base_seed = self._base_seed(seed) if method == "sample" else 0
@@ -132,10 +161,17 @@ class Captioner:
                     results[i].error = str(err)
             if good:
                 self._caption_batch(self.encode(torch.stack(pixels)), good, results, method,
-                                    [base_seed + i for i in good], options)
+                                    [base_seed + i for i in good], options, labels)
         return results
 
-    def _caption_batch(self, features, indices, results, method, seeds, options) -> None:
+    def _caption_batch(self, features, indices, results, method, seeds, options, labels: int = 0) -> None:
+        if labels:
+            with torch.inference_mode():
+                probs = self.encoder.label_probs(self._pooled(features))
+            for i, image_labels in zip(indices, top_labels(probs, labels)):
+                results[i].labels = image_labels
+        if method is None:
+            return
         per_image = self.decode(features, method, seeds=seeds, **options)
         for i, captions in zip(indices, per_image):
             results[i].captions = captions
@@ -155,7 +191,7 @@ class Captioner:
 
     def caption_paths(self, paths: Iterable[str | Path], method: str = "greedy", *, batch_size: int = 32,
                       decode_batch_size: int = 256, workers: int | None = None, seed: int | None = None,
-                      max_pixels: int = MAX_IMAGE_PIXELS, **options) -> Iterator[ImageResult]:
+                      max_pixels: int = MAX_IMAGE_PIXELS, labels: int = 0, **options) -> Iterator[ImageResult]:
         """Captions files in order, decoding them in `workers` DataLoader processes (None: none on
         2 cores or fewer, else one) while this one runs the model. Yields one `ImageResult` per
         path, errors included, group by group.
@@ -163,7 +199,7 @@ class Captioner:
         `decode_batch_size` at a time: every decoding step streams all of the decoder's weights, so
         a step for 256 images costs little more than one for 32 (bench/README.md).
         Sampling seeds each file with `seed + CRC32(path)`: the same file samples the same captions
-        whatever the batch size, the order, or a resumed run."""
+        whatever the batch size, the order, or a resumed run. `labels=k`: as for `generate`."""
         paths = [str(p) for p in paths]
         base_seed = self._base_seed(seed) if method == "sample" else 0
         batches = image_batches(paths, self.transform, batch_size, workers, pin_memory=self.device.type == "cuda",
@@ -183,7 +219,7 @@ class Captioner:
             if len(good) >= decode_batch_size or offset == len(paths):
                 if good:
                     seeds = [(base_seed + zlib.crc32(paths[i].encode())) % 2**63 for i in good]
-                    self._caption_batch(torch.cat(features), good, results, method, seeds, options)
+                    self._caption_batch(torch.cat(features), good, results, method, seeds, options, labels)
                 yield from (results[i] for i in sorted(results))
                 results, features, good = {}, [], []
 

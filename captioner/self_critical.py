@@ -28,9 +28,12 @@ import torch
 from tqdm.auto import tqdm
 
 from . import decoding
+from .batches import pad_batch
 from .checkpoint import load_checkpoint, save_checkpoint
-from .decoder import members_log_probs
+from .decoder import caption_loss, members_log_probs
+from .optimization import grad_scaler, learning_rate, optimization_step
 from .runtime import autocast
+from .validation import log_epoch, save_phase_best, validate
 from .vocab import END, PAD, START
 
 NgramVectors = tuple[list[dict[tuple, float]], list[float], int]
@@ -118,9 +121,6 @@ def self_critical(config, encoder, best_dir: Path, train_features: torch.Tensor,
     """Trains `best/`'s decoder with self-critical sequence training for `config.self_critical_epochs`
     epochs over the training images (a random view of each), `config.batch_size` sampled captions a
     step; `best/` is replaced when validation CIDEr improves and `keeps_caption_quality` holds."""
-    from .training import (caption_loss, grad_scaler, learning_rate, log_epoch, optimization_step, pad_batch,
-                           save_phase_best, validate)  # training imports us
-
     _, decoder, _, _, saved = load_checkpoint(best_dir, device)
     references = references_by_image(owners, captions, train_features.size(1))
     cider = CiderD(references)

@@ -35,6 +35,46 @@ def detokenize(words: Sequence[str]) -> str:
     return text if text[-1] in ".!?" else text + "."
 
 
+# The article goes by the sound, not the letter: "an hour", "a uniform", "a one-way street".
+_VOWEL_SOUND_EXCEPTIONS = {"hour", "hours", "honest", "heir", "honor", "honour"}
+_CONSONANT_SOUND_EXCEPTIONS = {"one", "once", "uniform", "uniforms", "unicycle", "unicorn", "union", "unique",
+                               "unit", "united", "university", "use", "used", "user", "usual", "utensil",
+                               "utensils", "ufo", "european", "ewe", "eucalyptus"}
+NUMBER_WORDS = {"two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "several", "many"}
+_IRREGULAR_PLURALS = {"man": "men", "woman": "women", "child": "children", "person": "people", "foot": "feet",
+                      "mouse": "mice", "goose": "geese", "tooth": "teeth", "sheep": "sheep", "deer": "deer"}
+
+
+def _plural(word: str) -> str:
+    if word in _IRREGULAR_PLURALS:
+        return _IRREGULAR_PLURALS[word]
+    if word.endswith("y") and word[-2:-1] not in tuple("aeiou"):
+        return word[:-1] + "ies"
+    return word + ("es" if word.endswith(("s", "x", "z", "ch", "sh")) else "s")
+
+
+def agree(words: Sequence[str], known: Iterable[str] = ()) -> list[str]:
+    """The sentence guard: articles agree with the sound of the next word ("an elephant", "a
+    uniform"), and a singular noun after a number becomes plural ("two zebra" -> "two zebras")
+    where the plural is a `known` word (the vocabulary's)."""
+    known = set(known)
+    out = list(words)
+    for i, word in enumerate(out[:-1]):
+        following = out[i + 1]
+        if word in ("a", "an"):
+            vowel = (following[0] in "aeiou" and following not in _CONSONANT_SOUND_EXCEPTIONS
+                     or following in _VOWEL_SOUND_EXCEPTIONS)
+            out[i] = "an" if vowel else "a"
+        elif word in NUMBER_WORDS:
+            plural = _plural(following)
+            after = out[i + 2] if i + 2 < len(out) else ""
+            # "two black dogs": the noun comes later, `following` describes it
+            described = after.endswith("s") and after not in ("is", "was", "has", "his", "this", "its")
+            if plural != following and plural in known and following in known and not described:
+                out[i + 1] = plural
+    return out
+
+
 class Vocabulary:
     def __init__(self, words: Sequence[str]):
         if tuple(words[: len(SPECIALS)]) != SPECIALS:

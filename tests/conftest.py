@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 from captioner import Captioner
 from captioner.decoder import CaptionDecoder, DecoderConfig, caption_loss
 from captioner.encoders import build_encoder
-from captioner.training import pad_batch
+from captioner.batches import pad_batch
 from captioner.vocab import Vocabulary
 
 
@@ -30,6 +30,9 @@ def load_bench(name: str):
     return module
 
 FLICKR8K = Path(os.environ.get("CAPTIONER_FLICKR8K", ROOT.parent / "shared" / "data" / "flickr8k"))
+COCO_EXTRA = FLICKR8K.parent / "coco_extra"
+needs_coco_extra = pytest.mark.skipif(not (COCO_EXTRA / "captions.txt").is_file(),
+                                      reason=f"coco_extra not found at {COCO_EXTRA} (../shared/data/coco_extra)")
 needs_flickr8k = pytest.mark.skipif(not (FLICKR8K / "captions.txt").is_file(),
                                     reason=f"Flickr8k not found at {FLICKR8K} (../shared is absent)")
 

@@ -37,10 +37,30 @@ def caption(client, path, method="Argmax (greedy)", temperature=1.0, top_k=0, to
 
 
 def test_argmax_is_deterministic(client, scene_paths):
-    first, table = caption(client, scene_paths[0])
+    first, table, _ = caption(client, scene_paths[0])
     assert first == "A red circle on a white background."
     assert caption(client, scene_paths[0])[0] == first
     assert len(table["data"]) == 1 and table["data"][0][1] == first
+
+
+def test_what_the_encoder_sees_is_beside_the_caption(client, tiny_captioner, scene_paths):
+    _, _, seen = caption(client, scene_paths[3])
+    expected = tiny_captioner.labels(scene_paths[3], k=5)
+    shown = [c["label"] for c in seen["confidences"]]
+    assert len(shown) == 5 and shown[0].startswith(expected[0].name)
+    assert [c["confidence"] for c in seen["confidences"]] == pytest.approx([x.probability for x in expected], abs=1e-3)
+
+
+def test_explain_endpoint_gives_each_word_its_probability_and_overlay(client, tiny_captioner, scene_paths):
+    from gradio_client import handle_file
+
+    words, heat, details, info = client.predict(handle_file(str(scene_paths[0])), "A red circle on a white background.",
+                                                api_name="/explain")
+    expected = tiny_captioner.explain(scene_paths[0], caption="A red circle on a white background.")
+    assert [w["token"].strip() for w in words] == [w.word for w in expected.words]
+    assert [w["class_or_confidence"] for w in words] == pytest.approx([w.probability for w in expected.words], abs=1e-3)
+    assert Path(heat).is_file() and "probability" in details
+    assert [w["word"] for w in info["words"]] == [w.word for w in expected.words]
 
 
 def test_sampling_reproduces_with_a_seed_and_varies_across_seeds(client, scene_paths):
@@ -53,7 +73,7 @@ def test_sampling_reproduces_with_a_seed_and_varies_across_seeds(client, scene_p
 
 
 def test_beam_returns_the_requested_ranked_beams(client, scene_paths):
-    best, table = caption(client, scene_paths[1], "Beam search", beam_size=5)
+    best, table, _ = caption(client, scene_paths[1], "Beam search", beam_size=5)
     rows = table["data"]
     assert [r[0] for r in rows] == [1, 2, 3, 4, 5] and rows[0][1] == best
     logprobs = [r[2] for r in rows]
@@ -89,7 +109,9 @@ def test_batch_endpoint_gives_a_row_per_file_and_a_csv(client, scene_paths, tmp_
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install chromium; .ci/run does)")
-def test_real_browser_upload_switch_methods_and_caption(scene_paths):
+def test_real_browser_upload_caption_and_select_a_word(scene_paths):
+    """Upload, caption with each method, then select a word of the explained caption: its overlay
+    replaces the first word's. The screenshot is the README's."""
     from playwright.sync_api import sync_playwright
 
     import gradio
@@ -102,7 +124,7 @@ def test_real_browser_upload_switch_methods_and_caption(scene_paths):
             browser = p.chromium.launch(executable_path=CHROMIUM, args=[
                 "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                 "--disable-component-update", "--disable-sync", "--no-first-run"])
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page = browser.new_page(viewport={"width": 1280, "height": 1100})
             page.goto(url)
             page.locator("#image-input input[type=file]").set_input_files(str(photo))
             output = page.locator("#caption-output textarea")
@@ -119,12 +141,58 @@ def test_real_browser_upload_switch_methods_and_caption(scene_paths):
                     "([sel, old]) => { const t = document.querySelector(sel); return t && t.value && t.value !== old; }",
                     arg=["#caption-output textarea", before if method != "Argmax (greedy)" else ""], timeout=60000)
                 captions[method] = output.input_value()
+            words = page.locator("#explained-words .textspan")
+            words.nth(2).wait_for(timeout=60000)
+            shown = page.locator("#word-overlay img")
+            shown.wait_for(timeout=60000)
+            page.wait_for_function("() => document.querySelector('#word-details')?.innerText.includes('probability')")
+            first_src, first_details = shown.get_attribute("src"), page.locator("#word-details").inner_text()
+            words.nth(2).click()
+            page.wait_for_function("(old) => document.querySelector('#word-overlay img')?.src !== old",
+                                   arg=first_src, timeout=30000)
+            selected = page.locator("#word-details").inner_text()
             page.screenshot(path=str(ARTIFACTS / "ui.png"), full_page=True)
             browser.close()
     finally:
         stop_app(proc)
     assert all(text and text[0].isupper() and text.endswith(".") for text in captions.values()), captions
+    assert selected != first_details and "probability" in selected
     assert (ARTIFACTS / "ui.png").stat().st_size > 10_000
+
+
+def test_auth_refuses_the_page_and_the_api_without_credentials(tiny_checkpoint, scene_paths, tmp_path):
+    import urllib.error
+    import urllib.request
+
+    from gradio_client import Client
+
+    secrets = tmp_path / "users.txt"
+    secrets.write_text("# one user a line\nbob:hunter22\n")
+    proc, url = start_app("--checkpoint", str(tiny_checkpoint), "--auth", "ann:s3cret", "--auth-file", str(secrets))
+    try:
+        page = urllib.request.urlopen(url, timeout=10).read().decode()
+        with pytest.raises(urllib.error.HTTPError) as refused:  # the API behind the login page
+            urllib.request.urlopen(url + "gradio_api/info", timeout=10)
+        assert refused.value.code == 401
+        with pytest.raises(Exception):
+            Client(url, verbose=False)
+        for user in (("ann", "s3cret"), ("bob", "hunter22")):
+            client = Client(url, auth=user, verbose=False)
+            assert caption(client, scene_paths[0])[0] == "A red circle on a white background."
+        with pytest.raises(Exception):
+            Client(url, auth=("ann", "wrong"), verbose=False)
+    finally:
+        stop_app(proc)
+    assert "login" in page.lower()
+
+
+def test_auth_flags_refuse_a_malformed_pair(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, str(ROOT / "app.py"), "--auth", "nopassword"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode != 0 and "--auth: expected USER:PASSWORD" in result.stderr
 
 
 def test_the_app_accepts_and_refuses_what_the_api_does(client, tiny_captioner, corpus, tmp_path):

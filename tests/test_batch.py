@@ -117,3 +117,18 @@ def test_usage_errors_exit_1(tmp_path, tiny_checkpoint, photo_folder):
     assert result.returncode == 1 and "no images found" in result.stderr
     result = run(photo_folder, "--resume", "--checkpoint", tiny_checkpoint)
     assert result.returncode == 1 and "--resume needs --out" in result.stderr
+
+
+def test_labels_in_the_jsonl_behind_a_flag(photo_folder, tiny_checkpoint, tmp_path):
+    out = tmp_path / "labelled.jsonl"
+    result = run(photo_folder / "00_red_circle.jpg", photo_folder / "01_blue_square.jpg", "--checkpoint",
+                 tiny_checkpoint, "--out", out, "--labels", 3, "--quiet")
+    assert result.returncode == 0, result.stderr
+    for record in read_jsonl(out):
+        labels = record["labels"]
+        assert len(labels) == 3 and set(labels[0]) == {"name", "word", "probability"}
+        assert [x["probability"] for x in labels] == sorted((x["probability"] for x in labels), reverse=True)
+    plain = tmp_path / "plain.jsonl"
+    assert run(photo_folder / "00_red_circle.jpg", "--checkpoint", tiny_checkpoint, "--out", plain,
+               "--quiet").returncode == 0
+    assert "labels" not in read_jsonl(plain)[0]

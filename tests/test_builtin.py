@@ -7,7 +7,7 @@ from captioner.datasets import load_dataset
 from captioner.metrics import score_captions
 from captioner.model import BUILTIN, PRETRAINED_DIR
 
-from conftest import FLICKR8K, draw_scene, needs_flickr8k
+from conftest import COCO_EXTRA, FLICKR8K, draw_scene, needs_coco_extra, needs_flickr8k
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def test_loads_offline_and_captions_a_generated_image(builtin, tmp_path):
     draw_scene("blue_square", size=224).save(tmp_path / "square.png")
     text = builtin.caption(tmp_path / "square.png")
     assert text[0].isupper() and text.endswith(".") and len(text.split()) >= 3
-    assert builtin.config["training"]["test"]["scores"]["CIDEr"] > 0
+    assert all(report["scores"]["CIDEr"] > 0 for report in builtin.config["training"]["test"].values())
 
 
 @needs_flickr8k
@@ -35,3 +35,12 @@ def test_captions_of_flickr8k_test_images_score(builtin):
     predictions = {str(r.image): res.text for r, res in zip(records, results)}
     scores = score_captions(predictions, {str(r.image): r.captions for r in records}, metrics=("bleu", "cider"))
     assert scores["CIDEr"] > 30  # 0.3 on pycocoevalcap's 0-1 scale
+
+
+@needs_coco_extra
+def test_labels_of_coco_photos(builtin):
+    """What the encoder sees in a brown bear and a street sign (coco_extra 285 and 724)."""
+    bear, sign = builtin.labels([COCO_EXTRA / "images" / "000000000285.jpg", COCO_EXTRA / "images" / "000000000724.jpg"])
+    assert (bear[0].name, bear[0].word) == ("brown bear", "bear") and bear[0].probability > 0.9
+    assert sign[0].name == "street sign"
+    assert "bear" in builtin.caption(COCO_EXTRA / "images" / "000000000285.jpg", method="beam")

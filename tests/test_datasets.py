@@ -119,3 +119,39 @@ def test_no_usable_pairs_is_an_error(tmp_path):
     (tmp_path / "captions.txt").write_text("gone.jpg#0\tA caption .\n")
     with pytest.raises(DatasetError, match="no usable image/caption pairs"):
         load_dataset(tmp_path)
+
+
+def test_several_datasets_read_as_one(images, tmp_path):
+    from captioner.datasets import load_datasets
+    from captioner.vocab import Vocabulary
+
+    coco_style = tmp_path / "mine.csv"
+    coco_style.write_text("image,caption,split\nred_circle.jpg,A red circle on white.,train\n"
+                          "green_stripes.jpg,Green stripes.,val\n")
+    data = load_datasets([{"path": str(FIXTURES / "flickr"), "images": str(images), "name": "flickr"},
+                          {"path": str(coco_style), "images": str(images)}])
+    assert data.parts() == ["flickr", tmp_path.name]
+    assert [(r.image.name, r.dataset) for r in data.split("train")] == [
+        ("red_circle.jpg", "flickr"), ("blue_square.jpg", "flickr"), ("red_circle.jpg", tmp_path.name)]
+    assert [r.dataset for r in data.split("val")] == [tmp_path.name]
+    summary = data.summary()
+    assert "2 datasets" in summary and "flickr:" in summary and "(csv): 2 images" in summary
+    assert f"{FIXTURES / 'flickr' / 'captions.txt'}:4: malformed line" in "\n".join(data.problems)
+    # COCO's "circle on white." and Flickr's tokenised "circle on white ." are the same caption
+    flickr_caption, coco_caption = (r.captions[0] for r in data.split("train") if r.image.name == "red_circle.jpg")
+    vocab = Vocabulary.build([flickr_caption, coco_caption], min_count=1)
+    assert flickr_caption != coco_caption and vocab.encode(flickr_caption) == vocab.encode(coco_caption)
+
+
+def test_several_datasets_refuse_bad_specs(images, tmp_path):
+    from captioner.datasets import load_datasets
+
+    flickr = {"path": str(FIXTURES / "flickr"), "images": str(images)}
+    with pytest.raises(DatasetError, match="a second dataset named 'flickr'"):
+        load_datasets([flickr, flickr])
+    with pytest.raises(DatasetError, match=r"datasets\[1\]: unknown field\(s\) imgs"):
+        load_datasets([flickr, {"path": str(FIXTURES / "flickr"), "imgs": "x", "name": "b"}])
+    with pytest.raises(DatasetError, match=r"datasets\[0\]: needs a 'path'"):
+        load_datasets([{"images": "x"}])
+    with pytest.raises(DatasetError, match="nowhere: no such file"):
+        load_datasets([flickr, {"path": str(tmp_path / "nowhere")}])

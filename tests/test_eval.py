@@ -63,3 +63,27 @@ def test_without_java_falls_back_to_python_tokenisation_and_skips_meteor(monkeyp
     scores = score_captions({k: v[0] for k, v in REFS.items()}, REFS)
     assert scores["tokenizer"].startswith("python") and "METEOR" not in scores
     assert scores["BLEU-4"] > 99.9
+
+
+def test_eval_reports_object_hallucination_with_a_chair_table(tiny_checkpoint, scene_dir, tmp_path):
+    csv = tmp_path / "test.csv"
+    # the references of the red circle name a "square" too; the blue square's references name a "circle"
+    rows = [("red_circle", "a red circle on a white background"), ("red_circle", "a circle beside a square"),
+            ("blue_square", "a blue square and a circle"), ("green_stripes", "green stripes cross a grey field")]
+    csv.write_text("image,caption,split\n" + "".join(f"{n}.jpg,{c},test\n" for n, c in rows))
+    table = tmp_path / "objects.txt"
+    table.write_text("circle, ring\nsquare, box\ntriangle\n")
+    out = tmp_path / "eval"
+    result = subprocess.run([sys.executable, "-m", "captioner", "eval", str(tiny_checkpoint), "--dataset", str(csv),
+                             "--images", str(scene_dir), "--method", "greedy", "--objects", str(table),
+                             "--out", str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    h = json.loads((out / "scores.json").read_text())["hallucination"]
+    # the model says "a red circle ...", "a blue square ...", "green stripes ...": 2 mentions, none absent;
+    # salient objects (>= 3 references) exist nowhere in 2-reference images
+    assert h["object_mentions"] == 2 and h["CHAIRi"] == 0.0 and h["CHAIRs"] == 0.0
+    assert "CHAIRs 0.0%" in result.stdout
+    bad = subprocess.run([sys.executable, "-m", "captioner", "eval", str(tiny_checkpoint), "--dataset", str(csv),
+                          "--images", str(scene_dir), "--objects", str(tmp_path / "none.txt")],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "none.txt: cannot read the object table" in bad.stderr

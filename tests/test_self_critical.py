@@ -9,7 +9,8 @@ from pycocoevalcap.cider.cider import Cider
 from captioner import Captioner
 from captioner.decoder import DecoderConfig, build_decoder
 from captioner.self_critical import CiderD, advantages, keeps_caption_quality, policy_loss, sequence_logprobs
-from captioner.training import TrainConfig, train
+from captioner.recipe import TrainConfig
+from captioner.training import train
 from captioner.vocab import END, START, tokenize
 
 from conftest import SCENES

@@ -17,7 +17,9 @@ from captioner import Captioner
 from captioner.encoders import build_encoder
 from captioner.features import cache_key, compute_features
 from captioner.metrics import score_captions
-from captioner.training import TrainConfig, features_from_boundary, train
+from captioner.finetune import features_from_boundary
+from captioner.recipe import TrainConfig
+from captioner.training import train
 
 from conftest import SCENES, draw_scene
 
@@ -51,6 +53,8 @@ def cli_flags(config: TrainConfig) -> list[str]:
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
             flags.append(flag if value else "--no-" + key.replace("_", "-"))
+        elif isinstance(value, list):
+            assert not value, "a list field (datasets) has no command-line flag"
         elif value != "":
             flags += [flag, str(value)]
     return flags
@@ -216,3 +220,39 @@ def test_cached_boundary_activations_give_what_the_images_give_after_the_blocks_
         assert torch.allclose(from_cache, from_images[view].float(), rtol=2e-2, atol=2e-2)
     frozen, _ = compute_features(build_encoder("efficientnet_lite0"), paths, workers=0, precision="fp32")
     assert not torch.allclose(from_images[0].float(), frozen[0].float(), rtol=2e-2, atol=2e-2)
+
+
+def test_two_datasets_with_image_evidence(tiny_dataset, tmp_path):
+    """A recipe of two datasets (own formats and folders), ImageNet labels and concept detectors:
+    both dev sets steer early stopping, both test sets are scored, hallucination included, and the
+    checkpoint loads and captions with its evidence."""
+    other = tmp_path / "other"
+    other.mkdir()
+    rows = ["image\tcaption\tsplit"]
+    for name, caption, _ in SCENES:
+        draw_scene(name, size=88).save(other / f"{name}.png")
+        rows += [f"{name}.png\t{caption.capitalize()}.\ttrain", f"{name}.png\t{caption}.\tval"]
+    (other / "captions.jsonl").write_text("".join(json.dumps(dict(zip(("image", "caption", "split"), r.split("\t"))))
+                                                  + "\n" for r in rows[1:]))
+    first = tmp_path / "tiny.csv"
+    first.write_text(tiny_dataset.read_text() + "".join(f"{n}_small.jpg,{c},test\n" for n, c, _ in SCENES))
+    table = tmp_path / "objects.txt"
+    table.write_text("circle\nsquare\ntriangle\n")
+    config = tiny_config(tiny_dataset, tmp_path, epochs=4, labels=True, concepts=4, concept_min_images=1,
+                         objects=str(table), datasets=[{"path": str(first), "images": str(tiny_dataset.parent),
+                                                        "name": "tiny"},
+                                                       {"path": str(other / "captions.jsonl"), "name": "other"}])
+    best = train(config)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        assert row["val_CIDEr"] == pytest.approx((row["val_CIDEr_tiny"] + row["val_CIDEr_other"]) / 2)
+    saved = json.loads((best / "config.json").read_text())
+    assert saved["encoder"]["with_labels"] and saved["encoder"]["feature_dim"] == 1280 + 1000
+    assert saved["decoder"]["labels"] == 1000 and saved["decoder"]["concepts"] == 4
+    assert saved["training"]["train_images_per_dataset"] == {"tiny": 4, "other": 4}
+    assert set(saved["training"]["test"]) == {"tiny"}  # "other" has no test split
+    assert saved["training"]["test"]["tiny"]["hallucination"]["object_mentions"] > 0
+    captioner = Captioner.from_pretrained(best, device="cpu")
+    vocab_words = [captioner.vocab.itos[i] for i in captioner.decoder.concept_words.tolist()]
+    assert set(vocab_words) <= {w for _, c, _ in SCENES for w in c.split()} - {"a", "on"}
+    assert captioner.caption(tmp_path / "other" / "red_circle.png", evidence_weight=1.0)

@@ -51,3 +51,15 @@ def test_detokenize_for_display():
     assert detokenize(["a", "dog", "'s", "ball", "is", "n't", "red"]) == "A dog's ball isn't red."
     assert detokenize(["two", "dogs", "play", ",", "then", "rest"]) == "Two dogs play, then rest."
     assert detokenize([]) == ""
+
+
+def test_sentence_guard_makes_articles_and_numbers_agree():
+    from captioner.vocab import agree
+
+    known = {"zebra", "zebras", "elephant", "dog", "dogs", "black", "blacks", "man", "men"}
+    assert agree("a elephant near a umbrella".split(), known) == "an elephant near an umbrella".split()
+    assert agree("an dog and an uniform and a hour".split(), known) == "a dog and a uniform and an hour".split()
+    assert agree("two zebra and three man".split(), known) == "two zebras and three men".split()
+    assert agree("two black dogs".split(), known) == "two black dogs".split()  # the noun comes later
+    assert agree("two giraffe".split(), known) == "two giraffe".split()  # no known plural: left alone
+    assert agree([], known) == []

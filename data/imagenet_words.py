@@ -1,0 +1,158 @@
+"""Regenerates captioner/data/imagenet_words.json: each ImageNet-1k class -> the word a person would
+write in a caption (Norwich terrier -> dog, trolleybus -> bus, tusker -> elephant).
+
+    apt-get install wordnet-base wordnet-sense-index      # WordNet 3.0, Debian's copy
+    python data/imagenet_words.py ../shared/data/flickr8k/captions.txt ../shared/data/coco_extra/captions.txt
+
+How a class is mapped: its WordNet noun synset is found by name (the animal sense for classes 0-397,
+which are all animals in ImageNet's order), then the synset and its hypernyms, nearest first, are
+searched for the lemma that captions use most, where "use" is a phrase count in the caption files
+given. The class's own lemmas win when captions use them at all (`ice bear` -> `polar bear`); a
+hypernym must be used clearly more often than the class's own words. Nothing more general than the
+words in STOP is taken: "animal", "device" or "object" say nothing a caption can use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+ANIMAL_CLASSES = 398  # ImageNet-1k's classes 0..397 are animals
+STOP = {"entity", "physical_entity", "object", "whole", "artifact", "instrumentality", "organism", "living_thing",
+        "animal", "chordate", "vertebrate", "mammal", "placental", "device", "container", "covering", "commodity",
+        "structure", "conveyance", "equipment", "implement", "matter", "substance", "food", "solid", "material",
+        "invertebrate", "arthropod", "abstraction", "thing", "unit", "part", "system", "consumer_goods",
+        "creation", "decoration", "merchandise", "article", "protective_covering", "craft", "vessel", "toiletry",
+        "mechanism", "machine", "instrument", "surface", "area", "region", "location", "geological_formation",
+        "natural_elevation", "shape", "produce", "foodstuff", "nutriment", "dish", "ware"}
+# Class names that WordNet's first sense of the other kind gets wrong.
+OVERRIDES = {"cab": "taxi", "tusker": "elephant", "teddy": "teddy bear", "ice bear": "polar bear", "schooner": "sailboat",
+             "drumstick": "drumstick", "grasshopper": "grasshopper", "manhole cover": "manhole cover",
+             "washbasin": "sink"}
+# WordNet's 45 lexicographer files, which nltk needs as `lexnames` and Debian does not ship.
+LEXNAMES = ("adj.all adj.pert adv.all noun.Tops noun.act noun.animal noun.artifact noun.attribute noun.body "
+            "noun.cognition noun.communication noun.event noun.feeling noun.food noun.group noun.location "
+            "noun.motive noun.object noun.person noun.phenomenon noun.plant noun.possession noun.process "
+            "noun.quantity noun.relation noun.shape noun.state noun.substance noun.time verb.body verb.change "
+            "verb.cognition verb.communication verb.competition verb.consumption verb.contact verb.creation "
+            "verb.emotion verb.motion verb.perception verb.possession verb.social verb.stative verb.weather "
+            "adj.ppl").split()
+
+
+def wordnet(debian_dir: Path = Path("/usr/share/wordnet")):
+    """nltk's WordNet reader over Debian's files, copied into a temporary nltk_data folder."""
+    if not (debian_dir / "data.noun").is_file():
+        sys.exit(f"{debian_dir}: no WordNet; apt-get install wordnet-base wordnet-sense-index")
+    root = Path(tempfile.mkdtemp()) / "corpora" / "wordnet"
+    root.mkdir(parents=True)
+    for f in debian_dir.iterdir():
+        if f.is_file():
+            shutil.copy(f, root / f.name)
+    pos = {"adj": 3, "adv": 4, "noun": 1, "verb": 2}
+    (root / "lexnames").write_text("".join(f"{i:02d}\t{name}\t{pos[name.split('.')[0]]}\n"
+                                           for i, name in enumerate(LEXNAMES)))
+    import nltk
+
+    nltk.data.path.insert(0, str(root.parent.parent))
+    from nltk.corpus import wordnet as wn
+
+    wn.ensure_loaded()
+    return wn
+
+
+def phrase_counts(caption_files: list[Path]) -> Counter:
+    """How often each word and two-word phrase occurs in the captions (lowercased words)."""
+    counts: Counter = Counter()
+    for path in caption_files:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            words = re.findall(r"[a-z]+", line.partition("\t")[2].lower())
+            counts.update(words)
+            counts.update(" ".join(pair) for pair in zip(words, words[1:]))
+    return counts
+
+
+def use(lemma: str, counts: Counter) -> int:
+    """Caption count of a lemma and its plural."""
+    phrase = lemma.replace("_", " ").lower()
+    plural = phrase[:-1] + "ies" if phrase.endswith("y") else phrase + ("es" if phrase.endswith(("s", "x", "ch", "sh")) else "s")
+    return counts[phrase] + counts[plural]
+
+
+def class_synset(wn, name: str, index: int):
+    """The noun synset of an ImageNet class by its name: an animal sense among the first 398
+    classes, else the first sense that is a thing, food or plant (a doormat, not a person)."""
+    candidates = wn.synsets(name.replace(" ", "_"), pos=wn.NOUN)
+    if index < ANIMAL_CLASSES:
+        kinds = ("noun.animal",)
+    else:
+        kinds = ("noun.artifact", "noun.food", "noun.plant", "noun.object", "noun.substance", "noun.shape")
+    return next((s for s in candidates if s.lexname() in kinds), candidates[0] if candidates else None)
+
+
+def nearest_used(synset, counts: Counter, levels: int, minimum: int = 5):
+    """The most used lemma of the nearest level of hypernyms that has one used `minimum` times."""
+    frontier, seen = [synset], {synset}
+    for _ in range(levels):
+        frontier = [h for s in frontier for h in s.hypernyms() + s.instance_hypernyms() if h not in seen]
+        seen.update(frontier)
+        frontier = [h for h in frontier if h.name().split(".")[0] not in STOP]
+        # a synset's first lemma is its everyday name; later ones are often other senses' words
+        used = [(use(h.lemmas()[0].name(), counts), h.lemmas()[0].name(), h) for h in frontier]
+        used = [u for u in used if u[0] >= minimum]
+        if used:
+            return max(used, key=lambda u: u[0])
+    return None
+
+
+def everyday_word(wn, name: str, index: int, counts: Counter, levels: int = 4) -> str:
+    if name in OVERRIDES:
+        return OVERRIDES[name]
+    synset = class_synset(wn, name, index)
+    if synset is None:
+        return name.lower()
+    own = name.replace(" ", "_") if use(name, counts) else max((l.name() for l in synset.lemmas()),
+                                                                 key=lambda l: use(l, counts))
+    own_use = use(own, counts)
+    if index >= ANIMAL_CLASSES or ("_" not in own and " " not in name and own_use):
+        # objects and single-word animals keep a name that captions use ("lion", "laptop")
+        found = None if own_use else nearest_used(synset, counts, levels)
+        return (found[1] if found else own if own_use else name).replace("_", " ").lower()
+    # breeds and species named with a modifier go up to the word captions use for them, when it is
+    # used ten times as often ("golden retriever" -> "dog", "Indian elephant" -> "elephant")
+    word, word_use, anchor = own, own_use, synset
+    if not own_use:
+        found = nearest_used(synset, counts, levels)
+        if found is None:
+            return name.lower()
+        word_use, word, anchor = found
+    while True:
+        found = nearest_used(anchor, counts, levels, minimum=max(10 * word_use, 5))
+        if found is None:
+            return word.replace("_", " ").lower()
+        word_use, word, anchor = found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("captions", nargs="+", type=Path, help="Flickr-format caption files (image#n<TAB>caption)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parents[1] / "captioner" / "data" / "imagenet_words.json")
+    args = parser.parse_args(argv)
+    from torchvision.models._meta import _IMAGENET_CATEGORIES as categories
+
+    wn = wordnet()
+    counts = phrase_counts(args.captions)
+    words = [everyday_word(wn, name, i, counts) for i, name in enumerate(categories)]
+    args.out.write_text(json.dumps({"source": "WordNet 3.0 hypernyms, ranked by use in caption data "
+                                              "(data/imagenet_words.py)", "words": words}, indent=0) + "\n")
+    print(f"{args.out}: {len(set(words))} distinct words for {len(words)} classes")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
