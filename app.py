@@ -115,10 +115,15 @@ def model_card(config: dict) -> str:
     if training:
         lines.append(f"- **Trained on:** {training.get('dataset', 'unknown')} "
                      f"({training.get('train_images', '?')} training images, best epoch {training.get('best_epoch', '?')})")
-        test = training.get("test")
-        if test:
-            scores = ", ".join(f"{k} {v:.1f}" for k, v in test.get("scores", {}).items() if isinstance(v, float))
-            lines.append(f"- **Test scores** ({test.get('method')}, {test.get('options')}): {scores}")
+        test = training.get("test") or {}
+        # one report, or one per dataset of a recipe that lists several
+        reports = {"": test} if "scores" in test else test
+        for name, report in reports.items():
+            scores = ", ".join(f"{k} {v:.1f}" for k, v in {**report.get("scores", {}),
+                                                          **report.get("hallucination", {})}.items()
+                               if isinstance(v, float))
+            lines.append(f"- **Test scores{' on ' + name if name else ''}** ({report.get('method')}, "
+                         f"{report.get('options')}): {scores}")
     return "\n".join(lines)
 
 

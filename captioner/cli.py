@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="score a checkpoint on a dataset split (pycocoevalcap)")
-    p.add_argument("checkpoint", help="checkpoint directory, or 'flickr8k' for the built-in model")
+    p.add_argument("checkpoint", help="checkpoint directory, or 'flickr8k_coco' for the built-in model")
     p.add_argument("--dataset", required=True)
     p.add_argument("--images", default=None)
     p.add_argument("--format", default=None)

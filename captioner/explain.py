@@ -22,7 +22,7 @@ from .decoder import DecoderEnsemble
 from .images import ImageInput, load_image
 from .labels import Label, top_labels
 from .runtime import autocast
-from .vocab import END, SPECIALS, START, UNK, agree, detokenize, tokenize
+from .vocab import END, SPECIALS, START, UNK, tokenize
 
 MAP_KINDS = ("auto", "grad-cam", "attention")
 
@@ -113,7 +113,7 @@ def explain(captioner, image: ImageInput, caption: str | None = None, method: st
     if labels and encoder.classifier is not None:
         with torch.inference_mode():
             [seen] = top_labels(encoder.label_probs(encoder.pool(fmap)), labels)
-    return Explanation(detokenize(agree(words, captioner.vocab.stoi)), explained, seen, maps)
+    return Explanation(captioner.vocab.sentence(words)[1], explained, seen, maps)
 
 
 def photo_maps(cams: torch.Tensor, box: tuple[float, float, float, float], size: tuple[int, int]) -> np.ndarray:

@@ -35,6 +35,8 @@ def cache_key(encoder: Encoder, paths: list[Path], flip: bool, device: torch.dev
             "flip": flip, "dtype": str(dtype), "files": files}
     if boundary:
         what["trainable_blocks"] = encoder.trainable_blocks
+    if encoder.with_labels and not boundary:
+        what["labels"] = encoder.num_classes  # the class probabilities travel after the pooled features
     blob = json.dumps(what, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 

@@ -18,10 +18,10 @@ from .encoders import Encoder
 from .images import MAX_IMAGE_PIXELS, ImageError, ImageInput, ImageTransform, describe, image_batches
 from .labels import Label, top_labels
 from .runtime import autocast, autocast_dtype
-from .vocab import Vocabulary, agree, detokenize
+from .vocab import Vocabulary
 
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
-BUILTIN = "flickr8k"
+BUILTIN = "flickr8k_coco"
 METHODS = ("greedy", "sample", "beam")
 
 
@@ -113,8 +113,8 @@ class Captioner:
         return [[self._to_text(c) for c in per_image] for per_image in raw]
 
     def _to_text(self, caption: decoding.Caption) -> GeneratedCaption:
-        words = agree(self.vocab.words(caption.tokens), self.vocab.stoi)
-        return GeneratedCaption(detokenize(words), words, caption.logprob, caption.token_logprobs, caption.ended,
+        words, text = self.vocab.sentence(self.vocab.words(caption.tokens))
+        return GeneratedCaption(text, words, caption.logprob, caption.token_logprobs, caption.ended,
                                 caption.score)
 
     @staticmethod

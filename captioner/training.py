@@ -27,7 +27,7 @@ from .batches import encode_captions, pad_batch, shuffled_batches
 from .checkpoint import load_checkpoint, resolve_directory, save_checkpoint
 from .concepts import concept_targets as make_concept_targets
 from .concepts import concept_words
-from .datasets import CaptionDataset, load_datasets
+from .datasets import CaptionDataset, load_dataset, load_datasets
 from .decoder import build_decoder, caption_loss, members_log_probs
 from .distributed import barrier, log, setup_device, world
 from .encoders import build_encoder
@@ -321,6 +321,9 @@ def report_test(config: TrainConfig, best_dir: Path, out_dir: Path, dtype: torch
     reports = {}
     for spec in specs:
         name = spec.get("name") or (Path(spec["path"]).name if Path(spec["path"]).is_dir() else Path(spec["path"]).parent.name)
+        if not load_dataset(spec["path"], spec.get("images") or None, spec.get("format") or None).split("test"):
+            log(f"{name}: no test split to score")
+            continue
         report = evaluate(captioner, spec["path"], "test", images=spec.get("images") or None,
                           format=spec.get("format") or None, method="beam",
                           out_dir=out_dir / name if len(specs) > 1 else out_dir, workers=config.workers,
@@ -329,6 +332,8 @@ def report_test(config: TrainConfig, best_dir: Path, out_dir: Path, dtype: torch
         log((f"{name}: " if len(specs) > 1 else "") + format_report(report))
         reports[name] = {k: report[k] for k in kept if k in report}
     training = dict(captioner.config.get("training", {}))
+    if not reports:
+        return reports
     training["test"] = next(iter(reports.values())) if len(specs) == 1 else reports
     captioner.save_pretrained(best_dir, training=training, dtype=dtype)
     return reports

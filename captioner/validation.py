@@ -17,7 +17,7 @@ from .distributed import log
 from .encoders import Encoder
 from .metrics import caption_stats, score_captions
 from .recipe import TrainConfig
-from .vocab import Vocabulary, detokenize
+from .vocab import Vocabulary
 
 
 @torch.no_grad()
@@ -29,7 +29,7 @@ def decode_features(decoder: CaptionDecoder, features: torch.Tensor, vocab: Voca
     for start in range(0, len(features), batch_size):
         chunk = features[start:start + batch_size].to(device).float()
         for [caption] in decoding.greedy(decoder, chunk, max_length=max_length):
-            texts.append(detokenize(vocab.words(caption.tokens)))
+            texts.append(vocab.sentence(vocab.words(caption.tokens))[1])
             ended.append(caption.ended)
     return texts, ended
 

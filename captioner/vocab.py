@@ -116,6 +116,12 @@ class Vocabulary:
     def decode(self, ids: Iterable[int]) -> str:
         return " ".join(self.words(ids))
 
+    def sentence(self, words: Sequence[str]) -> tuple[list[str], str]:
+        """Words of a caption -> (the words made to agree, the display sentence): what every
+        caption a user or a metric sees goes through."""
+        agreed = agree(words, self.stoi)
+        return agreed, detokenize(agreed)
+
     def to_dict(self) -> dict:
         return {"tokenizer": TOKENIZER_NAME, "words": self.itos}
 

@@ -18,8 +18,8 @@ def test_shapes_for_every_image_feed(feed, layers):
     logits = decoder(features, captions, lengths)
     assert logits.shape == (2, 4, 30)
     state = decoder.start(features)
-    (h, c), memory = state
-    assert h.shape == c.shape == (layers, 2, 12) and memory is None
+    (h, c), memory, bias = state
+    assert h.shape == c.shape == (layers, 2, 12) and memory is None and bias is None  # no evidence
     step_logits, _ = decoder.step(torch.tensor([1, 1]), state)
     # the first teacher-forced step and the first decoding step see the same thing
     assert torch.allclose(step_logits, logits[:, 0], atol=1e-5)
@@ -32,7 +32,7 @@ def test_attention_decoder_reads_the_map_and_looks_where_the_regions_differ():
     fmap, (_, captions, lengths) = torch.randn(2, 16, 3, 3), batch()
     logits = decoder(fmap, captions, lengths)
     assert logits.shape == (2, 4, 30)
-    (h, _), memory = decoder.start(fmap)
+    (h, _), memory, _ = decoder.start(fmap)
     assert h.shape == (1, 2, 12) and memory.shape == (9, 2, 6)  # regions x batch x attention units
     # a decoding step sees what the teacher-forced pass saw, image by image
     step_logits, _ = decoder.step(torch.tensor([1, 1]), decoder.start(fmap))
