@@ -326,6 +326,12 @@ def load_dataset(path: str | Path, images: str | Path | None = None, format: str
     return dataset
 
 
+def dataset_name(spec: dict) -> str:
+    """A recipe dataset's name: its `name`, else its folder's (the annotation file's folder)."""
+    path = Path(spec["path"])
+    return spec.get("name") or (path.name if path.is_dir() else path.parent.name)
+
+
 def load_datasets(specs: list[dict], strict: bool = False) -> CaptionDataset:
     """Several datasets read as one: each spec is {path, images?, format?, name?}; records keep the
     name of the dataset they came from (default: the path's folder name) and splits merge by name."""
@@ -339,7 +345,7 @@ def load_datasets(specs: list[dict], strict: bool = False) -> CaptionDataset:
         if unknown:
             raise DatasetError(f"datasets[{n}]: unknown field(s) {', '.join(unknown)}")
         path = Path(spec["path"])
-        name = spec.get("name") or (path.name if path.is_dir() else path.parent.name)
+        name = dataset_name(spec)
         if name in sources:
             raise DatasetError(f"datasets[{n}]: a second dataset named {name!r}; give each a 'name'")
         part = load_dataset(path, spec.get("images"), spec.get("format"), strict=strict)

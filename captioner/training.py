@@ -27,7 +27,7 @@ from .batches import encode_captions, pad_batch, shuffled_batches
 from .checkpoint import load_checkpoint, resolve_directory, save_checkpoint
 from .concepts import concept_targets as make_concept_targets
 from .concepts import concept_words
-from .datasets import CaptionDataset, load_dataset, load_datasets
+from .datasets import CaptionDataset, dataset_name, load_dataset, load_datasets
 from .decoder import build_decoder, caption_loss, members_log_probs
 from .distributed import barrier, log, setup_device, world
 from .encoders import build_encoder
@@ -320,7 +320,7 @@ def report_test(config: TrainConfig, best_dir: Path, out_dir: Path, dtype: torch
     kept = ("split", "method", "options", "scores", "stats", "hallucination")
     reports = {}
     for spec in specs:
-        name = spec.get("name") or (Path(spec["path"]).name if Path(spec["path"]).is_dir() else Path(spec["path"]).parent.name)
+        name = dataset_name(spec)
         if not load_dataset(spec["path"], spec.get("images") or None, spec.get("format") or None).split("test"):
             log(f"{name}: no test split to score")
             continue
