@@ -20,8 +20,10 @@ from pathlib import Path
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no request leaves the machine
 
 import gradio as gr
+from PIL import Image
 
 from captioner import Captioner
+from captioner.engines import BACKENDS
 from captioner.explain import overlay
 from captioner.images import load_image
 
@@ -250,10 +252,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="require a login (repeat for more users); use it whenever --host or --share "
                              "lets others reach the server")
     parser.add_argument("--auth-file", default=None, help="USER:PASSWORD lines, for passwords kept off the command line")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto",
+                        help="where the encoder runs; auto: the fastest installed (OpenVINO, ONNX Runtime, PyTorch)")
     args = parser.parse_args(argv)
     auth = read_auth(args.auth, args.auth_file)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    captioner = Captioner.from_pretrained(args.checkpoint)  # loaded once, shared by every request
+    captioner = Captioner.from_pretrained(args.checkpoint, backend=args.backend)  # shared by every request
+    captioner.caption(Image.new("RGB", (64, 64)))  # builds the encoder's engine before the first visitor
     # Gradio keeps per-session state for its last 10,000 sessions by default, ~90 KB each here: the
     # server grew by 45 MB a minute under load (bench/README.md). Nothing here needs old sessions.
     build_app(captioner).launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,

@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from .engines import BACKENDS
 from .runtime import PRECISIONS, keep_freed_memory
 
 EXIT_OK, EXIT_USAGE, EXIT_SOME_FAILED = 0, 1, 2
@@ -49,13 +50,19 @@ def _decoding_options(args) -> dict:
 def _add_device_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="auto: the encoder runs in bf16/fp16 where the hardware is native (CUDA, AMX CPUs)")
+                   help="auto: the encoder and the decoder step's weights in bf16/fp16 where the hardware is "
+                        "native (CUDA, AMX CPUs)")
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="where the encoder runs; auto: the fastest installed (OpenVINO, ONNX Runtime, PyTorch)")
+    p.add_argument("--no-fold", dest="fold", action="store_false",
+                   help="run the modules exactly as trained: no folded batch norm or padding, nn.LSTM steps")
 
 
 def _load(args):
     from .model import Captioner
 
-    return Captioner.from_pretrained(args.checkpoint, device=args.device, precision=args.precision)
+    return Captioner.from_pretrained(args.checkpoint, device=args.device, precision=args.precision,
+                                     backend=args.backend, fold=args.fold)
 
 
 def cmd_caption(args) -> int:
@@ -150,6 +157,14 @@ def cmd_export(args) -> int:
             training[setting] = getattr(args, setting)
     dtype = torch.float16 if args.fp16 else torch.float32
     out = captioner.save_pretrained(args.out, training=training, dtype=dtype)
+    if args.onnx:
+        from .onnx_export import export_decoder, export_encoder
+        from .onnx_captioner import FILES
+
+        # from the files just written, so the graphs hold exactly the weights shipped (fp16 ones too)
+        shipped = Captioner.from_pretrained(out, device="cpu", backend="torch")
+        export_encoder(shipped.encoder, out / FILES["encoder"], spatial=shipped.decoder.config.takes_map)
+        export_decoder(shipped.decoder, out)
     if args.score:
         recipe = TrainConfig(**{**training["recipe"], **({"dataset": args.dataset} if args.dataset else {})})
         report_test(recipe, out, Path(args.score), dtype=dtype)
@@ -242,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("out")
     p.add_argument("--fp16", action="store_true", help="store weights as float16 (half the size)")
+    p.add_argument("--onnx", action="store_true",
+                   help="also write encoder.onnx, decoder_start.onnx and decoder_step.onnx (dynamic batch) "
+                        "for ONNX Runtime, OpenVINO or captioner.onnx_captioner")
     p.add_argument("--members", type=int, default=0, help="keep only the first N decoders of an ensemble")
     p.add_argument("--score", default=None, metavar="DIR",
                    help="score the exported model on its recipe's test split, record it in its config, "

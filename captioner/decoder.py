@@ -135,6 +135,9 @@ class CaptionDecoder(nn.Module):
         if c.tie_weights:
             self.classifier.weight = self.embed.weight
         self.attention = SpatialAttention(c.feature_dim, c.hidden_dim, c.attention_dim) if c.takes_map else None
+        # Eval mode: decode through StepWeights (False: through nn.LSTM), with the LSTM's hidden
+        # weights and the output layer in `step_dtype` (bf16 only where the hardware is native).
+        self.fold_step, self.step_dtype = True, torch.float32
 
     def set_evidence_words(self, concept_words: torch.Tensor, label_words: torch.Tensor) -> None:
         self.concept_words.copy_(concept_words)
@@ -186,13 +189,15 @@ class CaptionDecoder(nn.Module):
         bias[:, self.concept_words] = weight * torch.log(support.clamp_min(1e-6) / threshold).clamp(max=0)
         return bias
 
-    def _logits(self, hidden: torch.Tensor, memory: torch.Tensor | None) -> torch.Tensor:
+    def _logits(self, hidden: torch.Tensor, memory: torch.Tensor | None, weights: "StepWeights | None" = None) -> torch.Tensor:
         if self.attention is not None:
             hidden = self.attention(hidden, memory)
         hidden = self.dropout(hidden)
         if self.out_proj is not None:
             hidden = self.out_proj(hidden)
-        return self.classifier(hidden)
+        if weights is None:
+            return self.classifier(hidden)
+        return weights.product(hidden, weights.output[0]) + weights.output[1]
 
     def _teacher_forced(self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor):
         """-> LSTM outputs B x (T-1) x H for each word's position, and the attention memory."""
@@ -223,6 +228,34 @@ class CaptionDecoder(nn.Module):
         logits[real] = self._logits(out[real], memory).to(logits.dtype)
         return logits
 
+    def _step_weights(self) -> "StepWeights":
+        """The LSTM's weights arranged for one step at a time, rebuilt whenever a weight changed
+        (an optimiser step or a load bumps the tensors' version counters)."""
+        versions = (self.step_dtype, *((p.data_ptr(), p._version) for p in self.parameters()))
+        cached = getattr(self, "_step_cache", None)
+        if cached is None or cached.versions != versions:
+            cached = StepWeights.of(self.lstm, self.embed, self.classifier, self.step_dtype, versions)
+            self._step_cache = cached
+        return cached
+
+    def _lstm_step(self, first_gates: torch.Tensor, lstm_state):
+        """One LSTM step from the first layer's input projection (N x 4H, biases included) ->
+        (the last layer's output N x H, new (h, c)), with nn.LSTM's gate order (i, f, g, o)."""
+        weights = self._step_weights()
+        h, c = lstm_state
+        hs, cs = [], []
+        for layer in range(self.config.num_layers):
+            if layer == 0:
+                gates = first_gates + weights.product(h[0], weights.hidden)
+            else:
+                w_ih, bias = weights.deeper[layer - 1]
+                gates = bias + weights.product(torch.cat([hs[-1], h[layer]], dim=1), w_ih)
+            i, f, g, o = gates.chunk(4, dim=1)
+            cell = torch.sigmoid(f) * c[layer] + torch.sigmoid(i) * torch.tanh(g)
+            hs.append(torch.sigmoid(o) * torch.tanh(cell))
+            cs.append(cell)
+        return hs[-1], (torch.stack(hs), torch.stack(cs))
+
     def start(self, features: torch.Tensor, evidence_weight: float | None = None,
               evidence_threshold: float | None = None):
         """The decoding state after seeing the image, ready for the <start> token: the LSTM's (h, c),
@@ -230,8 +263,12 @@ class CaptionDecoder(nn.Module):
         tensor in it has the batch on dim 1, so decoding reorders them all alike; the memory is kept
         as L x B x A and the bias as 1 x B x V for that."""
         state, prefix, memory, (label_probs, concept_probs) = self._project(features)
-        if prefix.size(1):
+        if prefix.size(1) and (self.training or not self.fold_step):
             _, state = self.lstm(prefix, state)
+        elif prefix.size(1):
+            first = self._step_weights().first
+            for s in range(prefix.size(1)):
+                _, state = self._lstm_step(nn.functional.linear(prefix[:, s], *first), state)
         c = self.config
         bias = self.evidence_bias(label_probs, concept_probs,
                                   c.evidence_weight if evidence_weight is None else evidence_weight,
@@ -240,13 +277,53 @@ class CaptionDecoder(nn.Module):
                 None if bias is None else bias.unsqueeze(0))
 
     def step(self, tokens: torch.Tensor, state):
-        """One decoding step for a batch of tokens (N,) -> (logits N x V, new state)."""
+        """One decoding step for a batch of tokens (N,) -> (logits N x V, new state). In eval mode the
+        LSTM runs as plain matrix products on `StepWeights`; training keeps `nn.LSTM`."""
         lstm_state, memory, bias = state
-        out, lstm_state = self.lstm(self.embed(tokens).unsqueeze(1), lstm_state)
-        logits = self._logits(out[:, 0], None if memory is None else memory.transpose(0, 1))
+        if self.training or not self.fold_step:
+            out, lstm_state = self.lstm(self.embed(tokens).unsqueeze(1), lstm_state)
+            hidden = out[:, 0]
+        else:
+            weights = self._step_weights()
+            hidden, lstm_state = self._lstm_step(weights.by_token[tokens], lstm_state)
+        logits = self._logits(hidden, None if memory is None else memory.transpose(0, 1),
+                              None if self.training or not self.fold_step else weights)
         if bias is not None:
             logits = logits.float() + bias[0]
         return logits, (lstm_state, memory, bias)
+
+
+@dataclass
+class StepWeights:
+    """nn.LSTM's weights for decoding a token at a time. At batch 1 oneDNN's RNN layer cost 2.4x the
+    time its weights take to read (bench/README.md); as matrix products, and with the first layer's
+    input projection of every word computed once (`by_token`: V x 4H, embedding @ W_ih + both
+    biases, in fp32), a step reads only W_hh and the output layer, in `dtype`."""
+
+    versions: tuple
+    dtype: torch.dtype
+    by_token: torch.Tensor  # V x 4H
+    first: tuple[torch.Tensor, torch.Tensor]  # W_ih, b_ih + b_hh of layer 0: for input vectors
+    hidden: torch.Tensor  # W_hh of layer 0 (4H x H)
+    deeper: list[tuple[torch.Tensor, torch.Tensor]]  # layers >= 1: [W_ih | W_hh], b_ih + b_hh
+    output: tuple[torch.Tensor, torch.Tensor]  # the output layer's weight and bias
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, lstm: nn.LSTM, embed: nn.Embedding, classifier: nn.Linear, dtype: torch.dtype,
+           versions: tuple) -> "StepWeights":
+        def layer(k):
+            bias = (getattr(lstm, f"bias_ih_l{k}") + getattr(lstm, f"bias_hh_l{k}")).float()
+            return getattr(lstm, f"weight_ih_l{k}").float(), getattr(lstm, f"weight_hh_l{k}"), bias
+        w_ih, w_hh, bias = layer(0)
+        deeper = [(torch.cat(layer(k)[:2], dim=1).to(dtype), layer(k)[2]) for k in range(1, lstm.num_layers)]
+        by_token = torch.addmm(bias, embed.weight.float(), w_ih.t())
+        return cls(versions, dtype, by_token, (w_ih, bias), w_hh.to(dtype).contiguous(), deeper,
+                   (classifier.weight.to(dtype).contiguous(), classifier.bias.float()))
+
+    def product(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x @ weight.T in the weights' dtype, returned in fp32."""
+        return nn.functional.linear(x.to(self.dtype), weight).float()
 
 
 class DecoderEnsemble(nn.Module):
@@ -277,6 +354,14 @@ class DecoderEnsemble(nn.Module):
     def step(self, tokens: torch.Tensor, state):
         outputs = [m.step(tokens, s) for m, s in zip(self.members, state)]
         return members_log_probs(torch.stack([logits for logits, _ in outputs])), tuple(s for _, s in outputs)
+
+
+def set_step(decoder: nn.Module, fold: bool = True, dtype: torch.dtype = torch.float32) -> None:
+    """Whether `decoder` (or every member of an ensemble) decodes through `StepWeights` in eval mode,
+    and in which dtype their weights are read."""
+    for module in decoder.modules():
+        if isinstance(module, CaptionDecoder):
+            module.fold_step, module.step_dtype = fold, dtype
 
 
 def members_log_probs(member_logits: torch.Tensor) -> torch.Tensor:

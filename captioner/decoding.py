@@ -15,10 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from .decoder import CaptionDecoder
-from .vocab import END, PAD, START, UNK
+from .vocab import END, NEVER_GENERATED, PAD, START
 
-# Never generated: padding, a second <start>, and <unk> (a caption saying "<unk>" helps nobody).
-BANNED = (PAD, START, UNK)
+BANNED = NEVER_GENERATED
 
 
 @dataclass

@@ -13,11 +13,12 @@ import torch
 
 from . import decoding
 from .checkpoint import load_checkpoint, save_checkpoint
-from .decoder import CaptionDecoder
+from .decoder import CaptionDecoder, set_step
 from .encoders import Encoder
+from .engines import build_engine, resolve_backend
 from .images import MAX_IMAGE_PIXELS, ImageError, ImageInput, ImageTransform, describe, image_batches
 from .labels import Label, top_labels
-from .runtime import autocast, autocast_dtype
+from .runtime import autocast_dtype
 from .vocab import Vocabulary
 
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
@@ -60,23 +61,31 @@ def default_device() -> torch.device:
 
 class Captioner:
     def __init__(self, encoder: Encoder, decoder: CaptionDecoder, vocab: Vocabulary, transform: ImageTransform,
-                 config: dict | None = None, device: str | torch.device | None = None, precision: str = "auto"):
+                 config: dict | None = None, device: str | torch.device | None = None, precision: str = "auto",
+                 backend: str = "auto", fold: bool = True):
+        """`precision="auto"`: bf16/fp16 where the hardware is native (the encoder, and the decoder
+        step's weights), fp32 elsewhere. `backend`: where `encode` runs (engines.py). `fold=False`
+        keeps inference on the modules exactly as trained: no folded encoder trunk (backend
+        "torch") and nn.LSTM decoding steps."""
         self.device = torch.device(device) if device else default_device()
-        self.precision = precision  # "auto": the encoder runs in bf16/fp16 where the hardware is native
-        autocast_dtype(self.device, precision)  # rejects an unknown precision now, not at the first image
+        self.precision = precision
+        dtype = autocast_dtype(self.device, precision)  # rejects an unknown precision now
+        self.backend, self.fold = resolve_backend(backend, self.device, precision), fold
         self.encoder = encoder.to(self.device).eval()
         self.decoder = decoder.to(self.device).eval()
+        set_step(self.decoder, fold, dtype or torch.float32)
         self.vocab, self.transform = vocab, transform
         self.config = config or {}
+        self._engine = None  # built at the first `encode`: an ONNX export and compile take seconds
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device | None = None,
-                        precision: str = "auto") -> "Captioner":
-        """Loads a checkpoint directory, or with no argument the built-in Flickr8k model (offline)."""
+                        precision: str = "auto", backend: str = "auto", fold: bool = True) -> "Captioner":
+        """Loads a checkpoint directory, or with no argument the built-in model (offline)."""
         directory = PRETRAINED_DIR / BUILTIN if path is None or str(path) == BUILTIN else Path(path)
         device = torch.device(device) if device else default_device()
         encoder, decoder, vocab, transform, config = load_checkpoint(directory, device)
-        return cls(encoder, decoder, vocab, transform, config, device, precision)
+        return cls(encoder, decoder, vocab, transform, config, device, precision, backend, fold)
 
     def save_pretrained(self, directory: str | Path, training: dict | None = None,
                         dtype: torch.dtype = torch.float32) -> Path:
@@ -87,9 +96,11 @@ class Captioner:
 
     @torch.inference_mode()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        pixels = pixels.to(self.device, non_blocking=True)
-        with autocast(self.device, self.precision):
-            return self.encoder(pixels, spatial=self.decoder.config.takes_map).float()
+        """B x 3 x H x W preprocessed pixels -> fp32 features (pooled, or maps for attention)."""
+        if self._engine is None:
+            self._engine = build_engine(self.encoder, self.decoder.config.takes_map, self.backend, self.device,
+                                        self.precision, self.fold)
+        return self._engine(pixels.to(self.device, non_blocking=True)).to(self.device)
 
     def decode(self, features: torch.Tensor, method: str = "greedy", *, seeds: Sequence[int] | None = None,
                beam_size: int = 3, length_penalty: float = 0.0, no_repeat_ngram_size: int = 0,

@@ -11,6 +11,8 @@ from typing import Iterable, Sequence
 from nltk.tokenize import TreebankWordTokenizer
 
 PAD, START, END, UNK = 0, 1, 2, 3
+# Never generated: padding, a second <start>, and <unk> (a caption saying "<unk>" helps nobody).
+NEVER_GENERATED = (PAD, START, UNK)
 SPECIALS = ("<pad>", "<start>", "<end>", "<unk>")
 TOKENIZER_NAME = "treebank-lowercase-words"
 
