@@ -82,8 +82,9 @@ class OnnxEngine:
 
             # bf16 only where the CPU computes it natively, as for PyTorch's autocast
             hint = "bf16" if precision == "auto" and native_cpu_bf16() else "f32"
-            compiled = openvino.Core().compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": hint,
-                                                                   "PERFORMANCE_HINT": "LATENCY"})
+            compiled = openvino.Core().compile_model(path, "CPU", {
+                "INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY",
+                "INFERENCE_NUM_THREADS": torch.get_num_threads()})
             request = compiled.create_infer_request()
             self._run = lambda x: request.infer({0: x})[0].copy()  # the request reuses its output
 
