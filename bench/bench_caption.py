@@ -104,7 +104,7 @@ def measure(cap, paths, args) -> dict:
         with torch.no_grad():
             for p in paths[:args.naive_images]:
                 x = cap.transform(Image.open(p).convert("RGB"))[None]
-                greedy(cap.decoder, plain_trunk(x).mean((2, 3)), max_length=20)
+                greedy(cap.decoder, cap.encoder.pool(plain_trunk(x)), max_length=20)
 
     naive_s = timed(naive)
 

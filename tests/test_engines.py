@@ -158,3 +158,15 @@ def test_onnx_export_of_the_builtin_model_captions_real_photos_alike(tmp_path):
 def test_onnx_captioner_names_what_a_folder_lacks(tmp_path):
     with pytest.raises(FileNotFoundError, match="encoder.onnx.*captioner export"):
         OnnxCaptioner(tmp_path)
+
+
+def test_bf16_step_weights_decode_close_to_fp32():
+    # what precision="auto" reads where the CPU has native bf16; the rounding, not the speed, is tested
+    decoder = evidence_decoder(2)
+    features, tokens = torch.rand(3, 40), torch.tensor([5, 6, 7])
+    with torch.no_grad():
+        exact, _ = decoder.step(tokens, decoder.start(features))
+        set_step(decoder, dtype=torch.bfloat16)
+        rounded, (state, _, _) = decoder.step(tokens, decoder.start(features))
+    assert rounded.dtype == torch.float32 and state[0].dtype == torch.float32
+    assert torch.allclose(rounded, exact, atol=0.05) and not torch.equal(rounded, exact)
