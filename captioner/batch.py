@@ -42,6 +42,19 @@ def collect_paths(inputs: Iterable[str], recursive: bool = False, glob: str | No
     return list(dict.fromkeys(found))
 
 
+def shard(paths: list[str], spec: str) -> list[str]:
+    """Part I of N of `paths` for `spec` "I/N" (0 <= I < N): N contiguous, disjoint parts whose union
+    is every path exactly once, for schedulers that start N copies of one command (Slurm arrays,
+    Kubernetes indexed jobs). Every copy must list the same inputs in the same order."""
+    try:
+        index, count = (int(part) for part in spec.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard {spec!r}: expected I/N, e.g. 0/4") from None
+    if not 0 <= index < count:
+        raise ValueError(f"--shard {spec!r}: I must be in 0..N-1")
+    return paths[index * len(paths) // count:(index + 1) * len(paths) // count]
+
+
 @dataclass
 class ResultWriter:
     """Writes one record per image as JSONL or CSV, flushed as it goes, so a kill loses at most the

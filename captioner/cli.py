@@ -66,11 +66,16 @@ def _load(args):
 
 
 def cmd_caption(args) -> int:
-    from .batch import ResultWriter, caption_files, collect_paths
+    from .batch import ResultWriter, caption_files, collect_paths, shard
 
     paths = collect_paths(args.paths, args.recursive, args.glob, args.from_list)
     if not paths:
         raise UsageError("no images found in the given paths")
+    if args.shard:
+        try:
+            paths = shard(paths, args.shard)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
     if args.resume and args.out in (None, "-"):
         raise UsageError("--resume needs --out FILE to know what is already done")
     captioner = _load(args)
@@ -197,6 +202,13 @@ def cmd_explain(args) -> int:
     return EXIT_OK
 
 
+def cmd_push(args) -> int:
+    from .hub import push
+
+    print(push(args.checkpoint, args.repo, private=args.private, revision=args.revision))
+    return EXIT_OK
+
+
 def cmd_info(args) -> int:
     from .checkpoint import read_config
     from .model import BUILTIN, PRETRAINED_DIR
@@ -229,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="sampling seed (each file: seed + CRC32 of its path)")
     p.add_argument("--labels", type=int, default=0, metavar="K",
                    help="JSONL only: add each image's top-K ImageNet labels (what the encoder sees)")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="caption only part I (0-based) of N of the inputs: N such runs cover each input once")
     _add_device_options(p)
     _add_decoding_options(p)
     p.set_defaults(func=cmd_caption)
@@ -280,6 +294,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_options(p)
     _add_decoding_options(p)
     p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("push", help="upload a checkpoint and a generated model card to the Hugging Face Hub")
+    p.add_argument("checkpoint")
+    p.add_argument("repo", help="org/name")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--revision", default=None, help="branch to commit to (default: main)")
+    p.set_defaults(func=cmd_push)
 
     p = sub.add_parser("info", help="print a checkpoint's config")
     p.add_argument("checkpoint", nargs="?", default=None)

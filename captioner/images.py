@@ -160,8 +160,9 @@ class ImageTransform:
         return left * sx, top * sy, (left + self.size) * sx, (top + self.size) * sy
 
     def to_tensor(self, img: Image.Image) -> torch.Tensor:
-        # (x / 255 - mean) / std as one scale and one shift, on a contiguous CHW copy: half the time
-        x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous().float()
+        # (x / 255 - mean) / std as one scale and one shift, on a contiguous CHW float copy that numpy
+        # makes (3.4x faster than permuting and converting in torch, bench/README.md)
+        x = torch.from_numpy(np.ascontiguousarray(np.asarray(img, dtype=np.float32).transpose(2, 0, 1)))
         std = torch.tensor(self.std).view(3, 1, 1)
         return x.mul_(1 / (255 * std)).sub_(torch.tensor(self.mean).view(3, 1, 1) / std)
 

@@ -11,7 +11,7 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
-from . import decoding
+from . import decoding, hub
 from .checkpoint import load_checkpoint, save_checkpoint
 from .decoder import CaptionDecoder, set_step
 from .encoders import Encoder
@@ -80,9 +80,16 @@ class Captioner:
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device | None = None,
-                        precision: str = "auto", backend: str = "auto", fold: bool = True) -> "Captioner":
-        """Loads a checkpoint directory, or with no argument the built-in model (offline)."""
-        directory = PRETRAINED_DIR / BUILTIN if path is None or str(path) == BUILTIN else Path(path)
+                        precision: str = "auto", backend: str = "auto", fold: bool = True,
+                        revision: str | None = None) -> "Captioner":
+        """Loads a checkpoint directory, a Hugging Face Hub repository ("org/name", at `revision`;
+        a local directory of that name wins), or with no argument the built-in model (offline)."""
+        if path is None or str(path) == BUILTIN:
+            directory = PRETRAINED_DIR / BUILTIN
+        elif hub.is_repo_id(path):
+            directory = hub.download(str(path), revision)
+        else:
+            directory = Path(path)
         device = torch.device(device) if device else default_device()
         encoder, decoder, vocab, transform, config = load_checkpoint(directory, device)
         return cls(encoder, decoder, vocab, transform, config, device, precision, backend, fold)
@@ -91,6 +98,15 @@ class Captioner:
                         dtype: torch.dtype = torch.float32) -> Path:
         return save_checkpoint(directory, encoder=self.encoder, decoder=self.decoder, vocab=self.vocab,
                                transform=self.transform, training=training or self.config.get("training"), dtype=dtype)
+
+    def push_to_hub(self, repo_id: str, *, private: bool = False, revision: str | None = None,
+                    token: str | None = None) -> str:
+        """Saves this model and uploads it, with a model card, to the Hub repository `repo_id`."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            return hub.push(self.save_pretrained(Path(tmp) / "checkpoint"), repo_id, private=private,
+                            revision=revision, token=token)
 
     # -- the pipeline: pixels -> features -> captions ------------------------------------------
 

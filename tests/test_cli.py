@@ -39,3 +39,21 @@ def test_info_prints_the_config(tiny_checkpoint, capsys):
 def test_usage_errors_exit_1(tmp_path, capsys):
     assert main(["info", str(tmp_path / "nope")]) == 1
     assert "no such checkpoint directory" in capsys.readouterr().err
+
+
+def test_shards_cover_every_input_exactly_once(tiny_checkpoint, scene_dir, scene_paths, tmp_path, capsys):
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for copy in range(3):  # 12 images, split 5 ways: parts of 2 and 3
+        for p in scene_paths:
+            (folder / f"{copy}-{p.name}").write_bytes(p.read_bytes())
+    seen = []
+    for i in range(5):
+        out = tmp_path / f"part{i}.jsonl"
+        assert main(["caption", str(folder), "--checkpoint", str(tiny_checkpoint), "--shard", f"{i}/5",
+                     "--out", str(out), "--quiet"]) == 0
+        seen += [json.loads(line)["image"] for line in out.read_text().splitlines()]
+    assert sorted(seen) == sorted(str(p) for p in folder.iterdir())  # disjoint, and nothing left out
+    for bad in ("5/5", "1of4", "-1/3"):
+        assert main(["caption", str(folder), f"--shard={bad}"]) == 1
+        assert "--shard" in capsys.readouterr().err
