@@ -1,6 +1,7 @@
-"""Batch captioning of files: finding them, writing results as they come, resuming after a kill.
+"""Batch captioning of files and WebDataset shards: finding them, writing results as they come
+(JSONL, CSV or shards), resuming after a kill.
 
-`captioner caption` is a thin shell over `caption_files`.
+`captioner caption` is a thin shell over `caption_files` and `caption_shards`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import IO, Iterable
 from tqdm.auto import tqdm
 
 from .model import Captioner, ImageResult
+from .shards import Sample, ShardProblem, ShardWriter, read_samples
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -89,7 +91,7 @@ class ResultWriter:
                 writer.csv_writer.writerow(cls.CSV_FIELDS)
         return writer
 
-    def write(self, result: ImageResult) -> None:
+    def write(self, result: ImageResult, sample: Sample | None = None) -> None:
         best = result.captions[0]
         if self.format == "tsv":
             self.stream.writelines(f"{result.source}\t{c.text}\n" for c in result.captions)
@@ -103,6 +105,8 @@ class ResultWriter:
                 record["captions"] = [{"caption": c.text, "logprob": round(c.logprob, 4)} for c in result.captions]
             if result.labels:
                 record["labels"] = [dataclasses.asdict(label) for label in result.labels]
+            if sample is not None:
+                record.update(shard=sample.shard, key=sample.key)
             self.stream.write(json.dumps(record, ensure_ascii=False) + "\n")
 
     def flush(self) -> None:
@@ -142,6 +146,90 @@ def _repair_and_read(path: Path, fmt: str) -> set[str]:
     return done
 
 
+class ShardResultWriter:
+    """Results as WebDataset shards: each sample's members copied, with its caption as KEY.txt and
+    the caption's record as KEY.json (file inputs: the file's bytes as KEY.<ext>)."""
+
+    def __init__(self, pattern: str, settings: dict, per_shard: int = 10_000):
+        self.shards, self.settings, self.done = ShardWriter(pattern, per_shard), settings, set()
+
+    def write(self, result: ImageResult, sample: Sample | None = None) -> None:
+        if sample is None:  # a file: its path, less the suffix, is the key
+            path = Path(result.source)
+            sample = Sample("", path.with_suffix("").as_posix().lstrip("/").replace("/", "_"),
+                            {path.suffix.lstrip(".").lower() or "jpg": path.read_bytes()})
+        best = result.captions[0]
+        record = {"caption": best.text, "logprob": round(best.logprob, 4), "method": self.settings["method"],
+                  **self.settings["options"]}
+        if sample.caption is not None:
+            record["original_caption"] = sample.caption
+        files = {ext: data for ext, data in sample.files.items() if ext not in ("txt", "json")}
+        self.shards.write(sample.key, {**files, "txt": best.text.encode(), "json": json.dumps(record).encode()})
+
+    def flush(self) -> None:
+        pass  # a shard becomes visible whole, when it is complete
+
+    def close(self) -> None:
+        self.shards.close()
+
+
+def open_writer(target: str, settings: dict, resume: bool = False, format: str | None = None):
+    """A ResultWriter, or a ShardResultWriter for a shard pattern such as 'out/{00000..}.tar'."""
+    if target.endswith(".tar"):
+        if resume:
+            raise ValueError("--resume reads JSONL or CSV output; shard output is written anew")
+        return ShardResultWriter(target, settings)
+    return ResultWriter.open(target, settings, resume=resume, format=format)
+
+
+def _report(name: str, message: str, errors_to: IO[str] | None) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    if errors_to is not None:
+        errors_to.write(json.dumps({"image": name, "error": message}) + "\n")
+        errors_to.flush()
+
+
+def caption_shards(captioner: Captioner, shards: list[str], writer, *, method: str = "greedy",
+                   batch_size: int = 32, group: int = 256, seed: int | None = None,
+                   errors_to: IO[str] | None = None, progress: bool = True, **options) -> tuple[int, int]:
+    """Captions the samples of WebDataset `shards` as they stream in, `group` at a time, skipping
+    those already in `writer.done`; a bad shard or sample is reported with shard and key and
+    skipped. -> (captioned, failed)."""
+    captioned = failed = 0
+    bar = tqdm(unit="img", desc="captioning", disable=not progress, file=sys.stderr)
+    pending: list[Sample] = []
+
+    def run() -> None:
+        nonlocal captioned, failed
+        results = captioner.caption_paths([s.image for s in pending], method, batch_size=batch_size, workers=0,
+                                          seed=seed, names=[s.name for s in pending], **options)
+        for sample, result in zip(pending, results):
+            if result.error:
+                failed += 1
+                _report(sample.name, f"{sample.name}: {result.error.split(': ', 1)[-1]}", errors_to)
+            else:
+                captioned += 1
+                writer.write(result, sample)
+            bar.update(1)
+        writer.flush()
+        pending.clear()
+
+    try:
+        for item in read_samples(shards):
+            if isinstance(item, ShardProblem):
+                failed += 1
+                _report(item.name, str(item), errors_to)
+            elif item.name not in writer.done:
+                pending.append(item)
+                if len(pending) == group:
+                    run()
+        if pending:
+            run()
+    finally:
+        bar.close()
+    return captioned, failed
+
+
 def caption_files(captioner: Captioner, paths: list[str], writer: ResultWriter, *, method: str = "greedy",
                   batch_size: int = 32, workers: int | None = None, seed: int | None = None,
                   errors_to: IO[str] | None = None, progress: bool = True, **options) -> tuple[int, int]:
@@ -154,10 +242,7 @@ def caption_files(captioner: Captioner, paths: list[str], writer: ResultWriter, 
                                               **options):
             if result.error:
                 failed += 1
-                print(f"error: {result.error}", file=sys.stderr)
-                if errors_to is not None:
-                    errors_to.write(json.dumps({"image": result.source, "error": result.error}) + "\n")
-                    errors_to.flush()
+                _report(result.source, result.error, errors_to)
             else:
                 captioned += 1
                 writer.write(result)

@@ -66,16 +66,21 @@ def _load(args):
 
 
 def cmd_caption(args) -> int:
-    from .batch import ResultWriter, caption_files, collect_paths, shard
+    from .batch import caption_files, caption_shards, collect_paths, open_writer, shard
+    from .shards import expand, is_shard_spec
 
-    paths = collect_paths(args.paths, args.recursive, args.glob, args.from_list)
+    shard_specs = [p for p in args.paths if is_shard_spec(p)]
+    if shard_specs and (len(shard_specs) != len(args.paths) or args.from_list):
+        raise UsageError("give either WebDataset shards or image files and folders, not both")
+    try:
+        paths = ([s for spec in shard_specs for s in expand(spec)] if shard_specs
+                 else collect_paths(args.paths, args.recursive, args.glob, args.from_list))
+        if args.shard:  # of shards, whole shards
+            paths = shard(paths, args.shard)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     if not paths:
         raise UsageError("no images found in the given paths")
-    if args.shard:
-        try:
-            paths = shard(paths, args.shard)
-        except ValueError as err:
-            raise UsageError(str(err)) from None
     if args.resume and args.out in (None, "-"):
         raise UsageError("--resume needs --out FILE to know what is already done")
     captioner = _load(args)
@@ -83,14 +88,20 @@ def cmd_caption(args) -> int:
     errors = open(args.errors, "a", encoding="utf-8") if args.errors else None
     progress = not args.quiet and (args.out not in (None, "-") or not sys.stdout.isatty())
     # Without --out: plain "path<TAB>caption" lines on stdout.
-    writer = ResultWriter.open(args.out or "-", {"method": args.method, "options": options}, resume=args.resume,
-                               format=None if args.out else "tsv")
+    try:
+        writer = open_writer(args.out or "-", {"method": args.method, "options": options}, resume=args.resume,
+                             format=None if args.out else "tsv")
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     if writer.done:
         print(f"resuming: {len(writer.done):,} image(s) already in {args.out}", file=sys.stderr)
+    common = dict(method=args.method, batch_size=args.batch_size, seed=args.seed, errors_to=errors,
+                  progress=progress, labels=args.labels, **options)
     try:
-        _, failed = caption_files(captioner, paths, writer, method=args.method, batch_size=args.batch_size,
-                                  workers=args.workers, seed=args.seed, errors_to=errors, progress=progress,
-                                  labels=args.labels, **options)
+        if shard_specs:
+            _, failed = caption_shards(captioner, paths, writer, **common)
+        else:
+            _, failed = caption_files(captioner, paths, writer, workers=args.workers, **common)
     finally:
         writer.close()
         if errors:
@@ -225,12 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("caption", help="caption image files and folders",
                        description="Exit status: 0 all images captioned, 2 some images failed (each reported "
                                    "on stderr), 1 usage error.")
-    p.add_argument("paths", nargs="*", help="image files or folders")
+    p.add_argument("paths", nargs="*", help="image files or folders, or WebDataset shards ('shards/{00000..00099}.tar')")
     p.add_argument("-r", "--recursive", action="store_true", help="descend into sub-folders")
     p.add_argument("--glob", default=None, help='file pattern inside folders, e.g. "*.jpg" (default: image suffixes)')
     p.add_argument("--from-list", default=None, metavar="FILE", help="read paths one a line from FILE, or - for stdin")
-    p.add_argument("--out", default=None, help="captions.jsonl, captions.csv, or - for JSONL on stdout "
-                                               "(default: 'path<TAB>caption' lines)")
+    p.add_argument("--out", default=None, help="captions.jsonl, captions.csv, - for JSONL on stdout, or "
+                                               "shards 'out/{00000..}.tar' (default: 'path<TAB>caption' lines)")
     p.add_argument("--resume", action="store_true", help="skip images already in --out; repair a torn last line")
     p.add_argument("--errors", default=None, metavar="FILE", help="also append failures to this JSONL file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -216,9 +216,10 @@ class Captioner:
             out.append([c.text for c in r.captions] if many else r.text)
         return out[0] if single else out
 
-    def caption_paths(self, paths: Iterable[str | Path], method: str = "greedy", *, batch_size: int = 32,
+    def caption_paths(self, paths: Iterable[str | Path | bytes], method: str = "greedy", *, batch_size: int = 32,
                       decode_batch_size: int = 256, workers: int | None = None, seed: int | None = None,
-                      max_pixels: int = MAX_IMAGE_PIXELS, labels: int = 0, **options) -> Iterator[ImageResult]:
+                      max_pixels: int = MAX_IMAGE_PIXELS, labels: int = 0, names: Sequence[str] | None = None,
+                      **options) -> Iterator[ImageResult]:
         """Captions files in order, decoding them in `workers` DataLoader processes (None: none on
         2 cores or fewer, else one) while this one runs the model. Yields one `ImageResult` per
         path, errors included, group by group.
@@ -226,10 +227,12 @@ class Captioner:
         `decode_batch_size` at a time: every decoding step streams all of the decoder's weights, so
         a step for 256 images costs little more than one for 32 (bench/README.md).
         Sampling seeds each file with `seed + CRC32(path)`: the same file samples the same captions
-        whatever the batch size, the order, or a resumed run. `labels=k`: as for `generate`."""
-        paths = [str(p) for p in paths]
+        whatever the batch size, the order, or a resumed run. `labels=k`: as for `generate`.
+        `names`: how results name the inputs (and seed them), for inputs given as encoded bytes."""
+        sources = list(paths)
+        paths = list(names) if names is not None else [str(p) for p in sources]
         base_seed = self._base_seed(seed) if method == "sample" else 0
-        batches = image_batches(paths, self.transform, batch_size, workers, pin_memory=self.device.type == "cuda",
+        batches = image_batches(sources, self.transform, batch_size, workers, pin_memory=self.device.type == "cuda",
                                 max_pixels=max_pixels)
         results: dict[int, ImageResult] = {}
         features, good = [], []

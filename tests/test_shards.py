@@ -1,0 +1,115 @@
+"""WebDataset shards in and out of batch captioning: streamed from tar, bad members reported with
+shard and key, results keyed by both, --resume, and recaptioned shards written back."""
+
+import io
+import json
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+from captioner.shards import ShardWriter, expand, read_samples
+
+
+def add(tar, name, data):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture
+def shards(tmp_path, scene_paths):
+    """Two shards as img2dataset writes them, with every kind of bad member, and a truncated third."""
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    images = [p.read_bytes() for p in scene_paths]
+    with tarfile.open(folder / "00000.tar", "w") as tar:
+        add(tar, "000000000.jpg", images[0])
+        add(tar, "000000000.txt", b"a red circle")
+        add(tar, "000000001.jpg", images[1])
+        add(tar, "000000001.json", json.dumps({"caption": "a blue square", "url": "x"}).encode())
+        add(tar, "000000002.txt", b"a caption whose image is missing")
+        add(tar, "000000003.jpg", b"this is not a JPEG")
+        add(tar, "000000003.txt", b"broken")
+    with tarfile.open(folder / "00001.tar", "w") as tar:
+        add(tar, "000000004.png", images[2])  # an image without a caption still gets one
+        add(tar, "000000005.jpg", images[3])
+        add(tar, "000000005.txt", b"four")
+    whole = io.BytesIO()
+    with tarfile.open(fileobj=whole, mode="w") as tar:
+        add(tar, "000000006.jpg", images[0])
+        add(tar, "000000007.jpg", images[1])
+    (folder / "00002.tar").write_bytes(whole.getvalue()[:512 + len(images[0]) + 700])  # cut inside 7's image
+    return folder
+
+
+def caption(*args):
+    return subprocess.run([sys.executable, "-m", "captioner", "caption", *map(str, args), "--quiet"],
+                          capture_output=True, text=True)
+
+
+def test_brace_expansion_as_webdataset_spells_it():
+    assert expand("s/{00008..00011}.tar") == ["s/00008.tar", "s/00009.tar", "s/00010.tar", "s/00011.tar"]
+    assert expand("{a,b}/{0..1}.tar") == ["a/0.tar", "a/1.tar", "b/0.tar", "b/1.tar"]
+    with pytest.raises(ValueError, match="brace range"):
+        expand("{a..b}.tar")
+
+
+def test_shards_caption_each_good_sample_and_report_each_bad_one(shards, tiny_checkpoint, scene_paths, tmp_path):
+    out = tmp_path / "captions.jsonl"
+    result = caption(f"{shards}/{{00000..00002}}.tar", "--checkpoint", tiny_checkpoint, "--out", out)
+    assert result.returncode == 2, result.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["shard"].rsplit("/", 1)[-1], r["key"]) for r in records] == [
+        ("00000.tar", "000000000"), ("00000.tar", "000000001"), ("00001.tar", "000000004"),
+        ("00001.tar", "000000005"), ("00002.tar", "000000006")]
+    assert all(r["image"] == f"{r['shard']}:{r['key']}" for r in records)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 3
+    assert any("00000.tar:000000002" in e and "no image" in e for e in errors)
+    assert any("00000.tar:000000003" in e for e in errors)
+    assert any("00002.tar" in e and "unreadable shard after 000000007" in e for e in errors)
+    # a sample in a shard gets the caption the same image gets as a file
+    files = caption(*scene_paths, "--checkpoint", tiny_checkpoint, "--out", tmp_path / "files.jsonl")
+    by_file = [json.loads(line)["caption"] for line in (tmp_path / "files.jsonl").read_text().splitlines()]
+    assert files.returncode == 0 and [r["caption"] for r in records[:4]] == by_file
+
+
+def test_resume_on_shards_captions_only_what_is_missing(shards, tiny_checkpoint, tmp_path):
+    out = tmp_path / "captions.jsonl"
+    spec = f"{shards}/{{00000..00001}}.tar"
+    caption(spec, "--checkpoint", tiny_checkpoint, "--out", out)
+    lines = out.read_text().splitlines()
+    out.write_text("\n".join(lines[:2]) + "\n" + lines[2][:10])  # killed while writing the third
+    caption(spec, "--checkpoint", tiny_checkpoint, "--out", out, "--resume")
+    assert out.read_text().splitlines() == lines
+
+
+def test_recaptioned_shards_keep_each_sample_and_add_its_caption(shards, tiny_checkpoint, tmp_path):
+    result = caption(f"{shards}/{{00000..00001}}.tar", "--checkpoint", tiny_checkpoint,
+                     "--out", f"{tmp_path}/out/{{00000..}}.tar", "--errors", tmp_path / "errors.jsonl")
+    assert result.returncode == 2
+    written = sorted((tmp_path / "out").iterdir())
+    assert [p.name for p in written] == ["00000.tar"]
+    samples = list(read_samples([str(p) for p in written], need_caption=True))
+    originals = {s.key: s for s in read_samples([str(shards / "00000.tar"), str(shards / "00001.tar")])
+                 if hasattr(s, "files")}
+    assert [s.key for s in samples] == ["000000000", "000000001", "000000004", "000000005"]
+    for sample in samples:
+        assert sample.image == originals[sample.key].image
+        record = json.loads(sample.files["json"])
+        assert sample.caption == record["caption"] and record["method"] == "greedy"
+    assert json.loads(samples[1].files["json"])["original_caption"] == "a blue square"
+    assert len((tmp_path / "errors.jsonl").read_text().splitlines()) == 2
+
+
+def test_shard_writer_rolls_over_and_never_shows_half_a_shard(tmp_path):
+    writer = ShardWriter(f"{tmp_path}/{{00010..}}.tar", per_shard=2)
+    for i in range(3):
+        writer.write(f"k{i}", {"txt": b"x"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00010.tar", "00011.tar.tmp"]
+    writer.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00010.tar", "00011.tar"]
+    with pytest.raises(ValueError, match="pattern like"):
+        ShardWriter(f"{tmp_path}/out.tar")
