@@ -88,25 +88,50 @@ def cmd_caption(args) -> int:
     errors = open(args.errors, "a", encoding="utf-8") if args.errors else None
     progress = not args.quiet and (args.out not in (None, "-") or not sys.stdout.isatty())
     # Without --out: plain "path<TAB>caption" lines on stdout.
+    if args.ray is not None and (args.out or "").endswith(".tar"):
+        raise UsageError("--ray writes JSONL, CSV or a .parquet folder; shard output runs without --ray")
+    if args.ray is not None and args.resume and shard_specs:
+        raise UsageError("--resume with --ray works on image files; for shards, rerun the shards that failed")
     try:
-        writer = open_writer(args.out or "-", {"method": args.method, "options": options}, resume=args.resume,
-                             format=None if args.out else "tsv")
+        if (args.out or "").endswith(".parquet"):
+            if args.ray is None:
+                raise ValueError("a .parquet folder is written by --ray; without it use .jsonl or .csv")
+            writer = None
+        else:
+            writer = open_writer(args.out or "-", {"method": args.method, "options": options}, resume=args.resume,
+                                 format=None if args.out else "tsv")
     except ValueError as err:
         raise UsageError(str(err)) from None
-    if writer.done:
+    if writer is not None and writer.done:
         print(f"resuming: {len(writer.done):,} image(s) already in {args.out}", file=sys.stderr)
     common = dict(method=args.method, batch_size=args.batch_size, seed=args.seed, errors_to=errors,
                   progress=progress, labels=args.labels, **options)
     try:
-        if shard_specs:
+        if args.ray is not None:
+            failed = _caption_on_ray(args, paths, bool(shard_specs), writer, options, errors)
+        elif shard_specs:
             _, failed = caption_shards(captioner, paths, writer, **common)
         else:
             _, failed = caption_files(captioner, paths, writer, workers=args.workers, **common)
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
         if errors:
             errors.close()
     return EXIT_SOME_FAILED if failed else EXIT_OK
+
+
+def _caption_on_ray(args, paths: list[str], shards: bool, writer, options: dict, errors) -> int:
+    try:
+        from .ray_captioning import caption_with_ray
+    except ImportError as err:
+        raise UsageError(f"--ray needs Ray Data: pip install 'captioner[ray]' ({err})") from None
+    todo = paths if writer is None else [p for p in paths if p not in writer.done]
+    _, failed = caption_with_ray(todo, shards, args.out or "-", writer, address=args.ray or None,
+                                 checkpoint=args.checkpoint, precision=args.precision, backend=args.backend,
+                                 actors=args.ray_actors, gpus_per_actor=args.ray_gpus, method=args.method,
+                                 batch_size=args.batch_size, seed=args.seed, errors_to=errors, **options)
+    return failed
 
 
 def _train_parser(sub) -> argparse.ArgumentParser:
@@ -252,6 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="sampling seed (each file: seed + CRC32 of its path)")
     p.add_argument("--labels", type=int, default=0, metavar="K",
                    help="JSONL only: add each image's top-K ImageNet labels (what the encoder sees)")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="caption on a Ray cluster through Ray Data: 'auto' (the running cluster), an address, "
+                        "or nothing for a local Ray started for this run (pip install 'captioner[ray]')")
+    p.add_argument("--ray-actors", type=int, default=None, help="captioner actors (default: one per CPU)")
+    p.add_argument("--ray-gpus", type=float, default=0, help="GPUs per actor")
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="caption only part I (0-based) of N of the inputs: N such runs cover each input once")
     _add_device_options(p)

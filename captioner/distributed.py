@@ -34,3 +34,17 @@ def barrier() -> None:
 def log(message: str) -> None:
     if world()[0] == 0:
         print(message, flush=True)
+
+
+def check_same_weights(module: torch.nn.Module) -> None:
+    """Raises unless every rank holds the same weights, as DDP is meant to keep them (one all_gather
+    of per-tensor sums and sums of squares); a no-op in a single process."""
+    if not dist.is_initialized():
+        return
+    params = [p.detach().double() for p in module.parameters()]
+    mine = torch.stack([torch.stack([p.sum(), p.square().sum()]) for p in params]).flatten()
+    gathered = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, mine)
+    if any(not torch.equal(g, gathered[0]) for g in gathered):
+        raise RuntimeError("the ranks' weights differ after training")
+    log(f"weights identical on all {len(gathered)} ranks")

@@ -87,8 +87,15 @@ def compute_features(encoder: Encoder, paths: list[Path], *, flip: bool = False,
 
 def cached_features(encoder: Encoder, paths: list[Path], cache_dir: str | Path, *, flip: bool = False,
                     batch_size: int = 64, workers: int = 1, device: str | torch.device = "cpu",
-                    precision: str = "auto", boundary: bool = False):
+                    precision: str = "auto", boundary: bool = False, rank: int = 0, processes: int = 1,
+                    barrier=lambda: None):
     """Loads features for `paths` from the cache, computing and storing them on a miss.
+
+    Several processes (`rank` of `processes`, meeting at `barrier`) share the work on a miss: every
+    rank derives the same cache key from the same inputs, so they agree on the file names without
+    talking; each encodes every `processes`-th image from its rank on into its own part file, and
+    rank 0 merges the parts into the cache file the others then read. The cache folder must be one
+    that every node sees (a shared file system).
 
     -> (features V x N x D fp16, {index: error}, cache file path)
     """
@@ -96,27 +103,59 @@ def cached_features(encoder: Encoder, paths: list[Path], cache_dir: str | Path, 
     cache_dir = Path(cache_dir)
     kind = f"activations-{encoder.frozen_blocks}blocks" if boundary else "features"
     path = cache_dir / f"{kind}-{encoder.name}-{key}.safetensors"
-    if path.is_file():
-        try:
-            stored = load_file(str(path))
-            errors = {int(k): v for k, v in json.loads(_metadata(path).get("errors", "{}")).items()}
-            return stored["features"], errors, path
-        except Exception as err:  # a torn or foreign file: recompute rather than fail
-            print(f"feature cache {path} unreadable ({err}); recomputing")
-    features, errors = compute_features(encoder, paths, flip=flip, batch_size=batch_size, workers=workers,
-                                        device=device, precision=precision, boundary=boundary)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
+    stored = _load(path)
+    if stored is not None:
+        return (*stored, path)
+    encode = dict(flip=flip, batch_size=batch_size, workers=workers, device=device, precision=precision,
+                  boundary=boundary)
+    if processes == 1:
+        features, errors = compute_features(encoder, paths, **encode)
+        _save(path, features, errors, key, encoder.name, len(paths))
+        return features, errors, path
+    mine = range(rank, len(paths), processes)
+    features, errors = compute_features(encoder, [paths[i] for i in mine], **encode,
+                                        desc=f"encoding images (rank {rank}: 1 in {processes})")
+    part = path.with_name(f"{path.stem}.part{rank}of{processes}.safetensors")
+    _save(part, features, {mine[i]: e for i, e in errors.items()}, key, encoder.name, len(mine))
+    barrier()  # every part is written
+    if rank == 0:
+        parts = [path.with_name(f"{path.stem}.part{r}of{processes}.safetensors") for r in range(processes)]
+        loaded = [_load(p) for p in parts]
+        merged = torch.zeros(features.size(0), len(paths), *features.shape[2:], dtype=features.dtype)
+        for r, (share, share_errors) in enumerate(loaded):
+            merged[:, r::processes] = share
+            errors.update(share_errors)
+        _save(path, merged, errors, key, encoder.name, len(paths))
+        for p in parts:
+            p.unlink()
+    barrier()  # the merged file is in place
+    return (*_load(path), path)
+
+
+def _load(path: Path):
+    """(features, errors) of a cache file, or None when it is missing or unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        stored = load_file(str(path))
+        errors = {int(k): v for k, v in json.loads(_metadata(path).get("errors", "{}")).items()}
+        return stored["features"], errors
+    except Exception as err:  # a torn or foreign file: recompute rather than fail
+        print(f"feature cache {path} unreadable ({err}); recomputing")
+        return None
+
+
+def _save(path: Path, features: torch.Tensor, errors: dict, key: str, encoder_name: str, images: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
     try:
         save_file({"features": features.contiguous()}, tmp,
-                  metadata={"key": key, "encoder": encoder.name, "errors": json.dumps(errors),
-                            "images": str(len(paths))})
+                  metadata={"key": key, "encoder": encoder_name, "errors": json.dumps(errors), "images": str(images)})
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    return features, errors, path
 
 
 def _metadata(path: Path) -> dict:

@@ -29,7 +29,7 @@ from .concepts import concept_targets as make_concept_targets
 from .concepts import concept_words
 from .datasets import CaptionDataset, dataset_name, load_dataset, load_datasets
 from .decoder import build_decoder, caption_loss, members_log_probs
-from .distributed import barrier, log, setup_device, world
+from .distributed import barrier, check_same_weights, log, setup_device, world
 from .encoders import build_encoder
 from .features import cached_features
 from .finetune import finetune
@@ -137,16 +137,14 @@ def prepare(config: TrainConfig, device: torch.device):
                                             resize=None if config.squash else round(config.image_size / 0.875))
     used = [r for r in dataset.records if r.split in ("train", "val", "test")]
     paths = [r.image for r in used]
-    rank, _ = world()
-    if rank != 0:
-        barrier()  # rank 0 fills the cache first
+    rank, processes = world()
     cache = dict(paths=paths, cache_dir=Path(config.cache_dir).expanduser(), flip=config.flip,
                  batch_size=config.encode_batch_size, workers=config.workers, device=device,
                  precision=config.precision)
-    # An attention decoder reads the whole map: the activations after all blocks, cached as such.
-    features, errors, cache_path = cached_features(encoder, **cache, boundary=config.attention_dim > 0)
-    if rank == 0:
-        barrier()
+    # Each rank encodes its share of a cache miss (features.py). An attention decoder reads the
+    # whole map: the activations after all blocks, cached as such.
+    features, errors, cache_path = cached_features(encoder, **cache, boundary=config.attention_dim > 0,
+                                                   rank=rank, processes=processes, barrier=barrier)
     log(f"features: {tuple(features.shape)} from {cache_path}")
     bad = {str(paths[i]) for i in errors}
     for i, message in list(errors.items())[:5]:
@@ -292,6 +290,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
             log(f"early stop: no better validation CIDEr for {config.patience} epochs "
                  f"(best {progress['best_cider']:.2f} at epoch {progress['best_epoch']})")
             break
+    check_same_weights(decoder)
     if config.finetune_blocks and config.finetune_epochs:
         if processes > 1:
             raise ValueError("the fine-tuning phase runs in one process; start it without torchrun")

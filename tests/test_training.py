@@ -178,6 +178,49 @@ def test_two_process_ddp_run(tiny_dataset, tmp_path):
     assert isinstance(captioner.caption(tiny_dataset.parent / "red_circle.jpg"), str)
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def epoch_losses(run: Path) -> list[float]:
+    return [json.loads(line)["train_loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_two_nodes_meet_at_one_rendezvous_and_train_like_one_process(tiny_dataset, tmp_path):
+    single = tiny_config(tiny_dataset, tmp_path / "single", epochs=3, batch_size=2)
+    train(single)
+    config = tiny_config(tiny_dataset, tmp_path, epochs=3, batch_size=2)
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+                               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=captioner-test",
+                               "-m", "captioner", "train", *cli_flags(config)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for _ in range(2)]
+    outputs = [node.communicate(timeout=600) for node in nodes]
+    for node, (out, err) in zip(nodes, outputs):
+        assert node.returncode == 0, err[-3000:]
+    out = "".join(o for o, _ in outputs)
+    err = "".join(e for _, e in outputs)
+    assert out.count("weights identical on all 2 ranks") == 1  # checked across ranks, logged once
+    # each node encoded half of the 8 images into the shared cache, which holds all 8 once merged
+    assert "rank 0: 1 in 2" in err and "rank 1: 1 in 2" in err
+    cache = list((tmp_path / "cache").glob("features-*.safetensors"))
+    assert len(cache) == 1 and not list((tmp_path / "cache").glob("*.part*"))
+    assert load_file(str(cache[0]))["features"].shape[1] == 8
+    captioner = Captioner.from_pretrained(tmp_path / "run" / "best", device="cpu")
+    assert isinstance(captioner.caption(tiny_dataset.parent / "red_circle.jpg"), str)
+    # the same data and steps as one process: the loss falls alike
+    two, one = epoch_losses(tmp_path / "run"), epoch_losses(tmp_path / "single" / "run")
+    assert len(two) == len(one) == 3 and two[-1] < two[0]
+    assert abs(two[-1] - one[-1]) <= 0.5 * one[-1]
+
+
 def test_recipe_file_and_overrides(tmp_path):
     recipe = tmp_path / "r.toml"
     recipe.write_text('hidden_dim = 128\nepochs = 7\n')
