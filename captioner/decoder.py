@@ -228,6 +228,10 @@ class CaptionDecoder(nn.Module):
         logits[real] = self._logits(out[real], memory).to(logits.dtype)
         return logits
 
+    @property
+    def _folded(self) -> bool:
+        return self.fold_step and not self.training
+
     def _step_weights(self) -> "StepWeights":
         """The LSTM's weights arranged for one step at a time, rebuilt whenever a weight changed
         (an optimiser step or a load bumps the tensors' version counters)."""
@@ -263,7 +267,7 @@ class CaptionDecoder(nn.Module):
         tensor in it has the batch on dim 1, so decoding reorders them all alike; the memory is kept
         as L x B x A and the bias as 1 x B x V for that."""
         state, prefix, memory, (label_probs, concept_probs) = self._project(features)
-        if prefix.size(1) and (self.training or not self.fold_step):
+        if prefix.size(1) and not self._folded:
             _, state = self.lstm(prefix, state)
         elif prefix.size(1):
             first = self._step_weights().first
@@ -280,14 +284,13 @@ class CaptionDecoder(nn.Module):
         """One decoding step for a batch of tokens (N,) -> (logits N x V, new state). In eval mode the
         LSTM runs as plain matrix products on `StepWeights`; training keeps `nn.LSTM`."""
         lstm_state, memory, bias = state
-        if self.training or not self.fold_step:
+        weights = self._step_weights() if self._folded else None
+        if weights is None:
             out, lstm_state = self.lstm(self.embed(tokens).unsqueeze(1), lstm_state)
             hidden = out[:, 0]
         else:
-            weights = self._step_weights()
             hidden, lstm_state = self._lstm_step(weights.by_token[tokens], lstm_state)
-        logits = self._logits(hidden, None if memory is None else memory.transpose(0, 1),
-                              None if self.training or not self.fold_step else weights)
+        logits = self._logits(hidden, None if memory is None else memory.transpose(0, 1), weights)
         if bias is not None:
             logits = logits.float() + bias[0]
         return logits, (lstm_state, memory, bias)
@@ -295,8 +298,8 @@ class CaptionDecoder(nn.Module):
 
 @dataclass
 class StepWeights:
-    """nn.LSTM's weights for decoding a token at a time. At batch 1 oneDNN's RNN layer cost 2.4x the
-    time its weights take to read (bench/README.md); as matrix products, and with the first layer's
+    """nn.LSTM's weights for decoding a token at a time. At batch 1 oneDNN's RNN layer cost 2.4-3.2x
+    the time its weights take to read (bench/README.md); as matrix products, and with the first layer's
     input projection of every word computed once (`by_token`: V x 4H, embedding @ W_ih + both
     biases, in fp32), a step reads only W_hh and the output layer, in `dtype`."""
 
