@@ -206,7 +206,7 @@ def caption_shards(captioner: Captioner, shards: list[str], writer, *, method: s
         for sample, result in zip(pending, results):
             if result.error:
                 failed += 1
-                _report(sample.name, f"{sample.name}: {result.error.split(': ', 1)[-1]}", errors_to)
+                _report(sample.name, result.error, errors_to)
             else:
                 captioned += 1
                 writer.write(result, sample)

@@ -28,6 +28,21 @@ class CheckpointError(ValueError):
     pass
 
 
+def atomic_file(path: str | Path, write, suffix: str = ".tmp") -> Path:
+    """Runs `write(tmp_path)` on a temporary file beside `path`, then renames it into place, so a
+    reader sees the old file or the whole new one, never a torn one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
 def atomic_directory(directory: str | Path, write) -> Path:
     """Runs `write(tmp_dir)` then swaps tmp_dir into place, so a crash leaves the old directory or
     the new one, never a torn one. Between the two renames the old one sits at `<dir>.previous`,

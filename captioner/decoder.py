@@ -242,10 +242,9 @@ class CaptionDecoder(nn.Module):
             self._step_cache = cached
         return cached
 
-    def _lstm_step(self, first_gates: torch.Tensor, lstm_state):
+    def _lstm_step(self, weights: "StepWeights", first_gates: torch.Tensor, lstm_state):
         """One LSTM step from the first layer's input projection (N x 4H, biases included) ->
         (the last layer's output N x H, new (h, c)), with nn.LSTM's gate order (i, f, g, o)."""
-        weights = self._step_weights()
         h, c = lstm_state
         hs, cs = [], []
         for layer in range(self.config.num_layers):
@@ -270,9 +269,9 @@ class CaptionDecoder(nn.Module):
         if prefix.size(1) and not self._folded:
             _, state = self.lstm(prefix, state)
         elif prefix.size(1):
-            first = self._step_weights().first
+            weights = self._step_weights()
             for s in range(prefix.size(1)):
-                _, state = self._lstm_step(nn.functional.linear(prefix[:, s], *first), state)
+                _, state = self._lstm_step(weights, nn.functional.linear(prefix[:, s], *weights.first), state)
         c = self.config
         bias = self.evidence_bias(label_probs, concept_probs,
                                   c.evidence_weight if evidence_weight is None else evidence_weight,
@@ -289,7 +288,7 @@ class CaptionDecoder(nn.Module):
             out, lstm_state = self.lstm(self.embed(tokens).unsqueeze(1), lstm_state)
             hidden = out[:, 0]
         else:
-            hidden, lstm_state = self._lstm_step(weights.by_token[tokens], lstm_state)
+            hidden, lstm_state = self._lstm_step(weights, weights.by_token[tokens], lstm_state)
         logits = self._logits(hidden, None if memory is None else memory.transpose(0, 1), weights)
         if bias is not None:
             logits = logits.float() + bias[0]

@@ -8,14 +8,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .checkpoint import atomic_file
 from .encoders import Encoder
 from .images import image_batches
 from .runtime import autocast, autocast_dtype
@@ -112,14 +111,16 @@ def cached_features(encoder: Encoder, paths: list[Path], cache_dir: str | Path, 
         features, errors = compute_features(encoder, paths, **encode)
         _save(path, features, errors, key, encoder.name, len(paths))
         return features, errors, path
+    def part(r: int) -> Path:
+        return path.with_name(f"{path.stem}.part{r}of{processes}.safetensors")
+
     mine = range(rank, len(paths), processes)
     features, errors = compute_features(encoder, [paths[i] for i in mine], **encode,
                                         desc=f"encoding images (rank {rank}: 1 in {processes})")
-    part = path.with_name(f"{path.stem}.part{rank}of{processes}.safetensors")
-    _save(part, features, {mine[i]: e for i, e in errors.items()}, key, encoder.name, len(mine))
+    _save(part(rank), features, {mine[i]: e for i, e in errors.items()}, key, encoder.name, len(mine))
     barrier()  # every part is written
     if rank == 0:
-        parts = [path.with_name(f"{path.stem}.part{r}of{processes}.safetensors") for r in range(processes)]
+        parts = [part(r) for r in range(processes)]
         loaded = [_load(p) for p in parts]
         merged = torch.zeros(features.size(0), len(paths), *features.shape[2:], dtype=features.dtype)
         for r, (share, share_errors) in enumerate(loaded):
@@ -146,16 +147,8 @@ def _load(path: Path):
 
 
 def _save(path: Path, features: torch.Tensor, errors: dict, key: str, encoder_name: str, images: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({"features": features.contiguous()}, tmp,
-                  metadata={"key": key, "encoder": encoder_name, "errors": json.dumps(errors), "images": str(images)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    metadata = {"key": key, "encoder": encoder_name, "errors": json.dumps(errors), "images": str(images)}
+    atomic_file(path, lambda tmp: save_file({"features": features.contiguous()}, tmp, metadata=metadata))
 
 
 def _metadata(path: Path) -> dict:

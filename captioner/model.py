@@ -241,7 +241,8 @@ class Captioner:
             count = len(batch_good) + len(errors)
             results.update((i, ImageResult(paths[i])) for i in range(offset, offset + count))
             for i, message in errors.items():
-                results[i].error = message
+                # an error names its input as `describe` does; a named input goes by its name
+                results[i].error = message if names is None else message.replace(describe(sources[i]), paths[i], 1)
             if batch_good:
                 features.append(self.encode(pixels[0]))
                 good += batch_good

@@ -1,5 +1,5 @@
 """ONNX graphs of a captioner: the encoder (which ONNX Runtime and OpenVINO run as backends), and
-the decoder's start and step, so that a deployment can caption without PyTorch (onnx_runtime.py).
+the decoder's start and step, so that a deployment can caption without PyTorch (onnx_captioner.py).
 
 The encoder is exported unfolded: both engines fold batch norm and padding into their own kernels.
 Graphs have a dynamic batch; the image size is the checkpoint's (its TF-SAME padding depends on it).
@@ -8,14 +8,13 @@ Graphs have a dynamic batch; the image size is the checkpoint's (its TF-SAME pad
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .checkpoint import atomic_file
 from .decoder import CaptionDecoder
 from .encoders import Encoder
 from .onnx_captioner import FILES
@@ -86,14 +85,16 @@ def export_decoder(decoder: CaptionDecoder, directory: str | Path) -> list[Path]
     batch, state_axes = {0: "batch"}, {1: "batch"}
     # nn.LSTM exports as ONNX's own LSTM operator; StepWeights' V x 4H table would add 45 MB.
     folded, decoder.fold_step = decoder.fold_step, False
-    with torch.no_grad():
-        start = _export(StartGraph(decoder), (features,), directory / FILES["start"], {"features": batch},
-                        {"h": state_axes, "c": state_axes, "bias": batch})
-        step = _export(StepGraph(decoder), (torch.full((2,), 4), state, state, torch.zeros(2, c.vocab_size)),
-                       directory / FILES["step"], {"tokens": batch, "h_in": state_axes, "c_in": state_axes,
-                                                   "bias": batch},
-                       {"logits": batch, "h": state_axes, "c": state_axes})
-    decoder.fold_step = folded
+    try:
+        with torch.no_grad():
+            start = _export(StartGraph(decoder), (features,), directory / FILES["start"], {"features": batch},
+                            {"h": state_axes, "c": state_axes, "bias": batch})
+            step = _export(StepGraph(decoder), (torch.full((2,), 4), state, state, torch.zeros(2, c.vocab_size)),
+                           directory / FILES["step"], {"tokens": batch, "h_in": state_axes, "c_in": state_axes,
+                                                       "bias": batch},
+                           {"logits": batch, "h": state_axes, "c": state_axes})
+    finally:
+        decoder.fold_step = folded
     return [start, step]
 
 
@@ -111,12 +112,5 @@ def cached_encoder_onnx(encoder: Encoder, spatial: bool) -> Path:
     directory = ENGINE_CACHE.expanduser()
     path = directory / f"{key}-opset{OPSET}.onnx"
     if not path.exists():
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".onnx.tmp")
-        os.close(fd)
-        try:
-            export_encoder(encoder, tmp, spatial)
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        atomic_file(path, lambda tmp: export_encoder(encoder, tmp, spatial), suffix=".onnx.tmp")
     return path

@@ -12,8 +12,9 @@ from typing import IO
 
 import numpy as np
 
-from .model import Captioner
-from .shards import ShardProblem, read_samples
+from .batch import _report
+from .model import Captioner, GeneratedCaption, ImageResult
+from .shards import Sample, ShardProblem, read_samples
 
 RESULT_COLUMNS = ("image", "shard", "key", "caption", "logprob", "error")
 
@@ -88,17 +89,13 @@ def caption_with_ray(inputs: list[str], shards: bool, out: str, writer=None, *, 
             dataset.write_parquet(out)
             failed = dataset.filter(lambda row: bool(row["error"])).count()
             return dataset.count() - failed, failed
-        return _write_rows(dataset.iter_rows(), writer, method, options, errors_to)
+        return _write_rows(dataset.iter_rows(), writer, errors_to)
     finally:
         if started:
             ray.shutdown()
 
 
-def _write_rows(rows, writer, method: str, options: dict, errors_to) -> tuple[int, int]:
-    from .batch import _report
-    from .model import GeneratedCaption, ImageResult
-    from .shards import Sample
-
+def _write_rows(rows, writer, errors_to) -> tuple[int, int]:
     captioned = failed = 0
     for row in rows:
         if row["error"]:
