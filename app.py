@@ -23,6 +23,7 @@ import gradio as gr
 from PIL import Image
 
 from captioner import Captioner
+from captioner.checkpoint import test_reports
 from captioner.engines import BACKENDS
 from captioner.explain import overlay
 from captioner.images import load_image
@@ -117,10 +118,7 @@ def model_card(config: dict) -> str:
     if training:
         lines.append(f"- **Trained on:** {training.get('dataset', 'unknown')} "
                      f"({training.get('train_images', '?')} training images, best epoch {training.get('best_epoch', '?')})")
-        test = training.get("test") or {}
-        # one report, or one per dataset of a recipe that lists several
-        reports = {"": test} if "scores" in test else test
-        for name, report in reports.items():
+        for name, report in test_reports(training).items():
             scores = ", ".join(f"{k} {v:.1f}" for k, v in {**report.get("scores", {}),
                                                           **report.get("hallucination", {})}.items()
                                if isinstance(v, float))

@@ -144,6 +144,13 @@ def read_config(directory: str | Path) -> dict:
     return config
 
 
+def test_reports(training: dict | None) -> dict[str, dict]:
+    """A checkpoint's test reports by dataset name. A recipe of one dataset stores its report itself
+    (named "" here); a recipe of several stores one per dataset."""
+    test = (training or {}).get("test") or {}
+    return {"": test} if "scores" in test else test
+
+
 def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu"):
     """-> (encoder, decoder, vocab, transform, config), everything checked against everything else."""
     directory = resolve_directory(directory)

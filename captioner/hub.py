@@ -8,7 +8,7 @@ import re
 import shutil
 from pathlib import Path
 
-from .checkpoint import CheckpointError, read_config
+from .checkpoint import CheckpointError, read_config, test_reports
 
 # A Hub repository id: "org/name" (letters, digits, '-', '_', '.'), never an existing local path.
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -53,10 +53,11 @@ def model_card(config: dict, repo_id: str) -> str:
              "", "```python", "from captioner import Captioner", "",
              f'captioner = Captioner.from_pretrained("{repo_id}")',
              'print(captioner.caption("photo.jpg"))', "```", ""]
+
     def cell(value) -> str:
         return "" if value is None else f"{value:.2f}" if isinstance(value, float) else str(value)
 
-    tests = training.get("test") or {}
+    tests = test_reports(training)
     if tests:
         lines += ["## Test scores", "", "| test set | method | BLEU-4 | METEOR | CIDEr | CHAIRs | distinct words |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -66,7 +67,7 @@ def model_card(config: dict, repo_id: str) -> str:
             method = report.get("method", "")
             if method == "beam":
                 method = f"beam {report.get('options', {}).get('beam_size', '')}".strip()
-            lines.append(f"| {name} | {method} | {cell(scores.get('BLEU-4'))} | {cell(scores.get('METEOR'))} | "
+            lines.append(f"| {name or training.get('dataset', 'test')} | {method} | {cell(scores.get('BLEU-4'))} | {cell(scores.get('METEOR'))} | "
                          f"{cell(scores.get('CIDEr'))} | {cell(chair)} | {cell(stats.get('distinct_words'))} |")
         lines.append("")
     return "\n".join(lines)

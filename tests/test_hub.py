@@ -87,3 +87,14 @@ def test_the_upload_folder_holds_the_checkpoint_and_a_model_card_with_its_scores
     for name, report in config["training"]["test"].items():
         assert f"| {name} | beam 3 | {report['scores']['BLEU-4']:.2f} |" in card
         assert f"{report['scores']['CIDEr']:.2f}" in card
+
+
+def test_the_model_card_of_a_one_dataset_recipe_lists_its_report(tiny_checkpoint, tmp_path):
+    # one dataset: training.test is the report itself, not a report per dataset
+    checkpoint = relabelled(tiny_checkpoint, tmp_path / "one", "flickr8k")
+    config = json.loads((checkpoint / "config.json").read_text())
+    builtin = json.loads((PRETRAINED_DIR / BUILTIN / "config.json").read_text())
+    config["training"]["test"] = builtin["training"]["test"]["flickr8k"]
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    card = (hub_folder(checkpoint, tmp_path / "upload", "someone/one") / "README.md").read_text()
+    assert f"| flickr8k | beam 3 | {config['training']['test']['scores']['BLEU-4']:.2f} |" in card
