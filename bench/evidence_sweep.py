@@ -31,6 +31,16 @@ def floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",")]
 
 
+def score_cells(predictions: dict, references: dict, ended: list, table: ObjectTable) -> str:
+    """BLEU-4 | CIDEr | CHAIRs | CHAIRi | recall | words | captions | cut, as table cells."""
+    scores = score_captions(predictions, references, metrics=("bleu", "cider"))
+    h = hallucination(predictions, references, table)
+    stats = caption_stats(list(predictions.values()), ended)
+    return (f"{scores['BLEU-4']:.2f} | {scores['CIDEr']:.2f} | {h['CHAIRs']:.1f} | {h['CHAIRi']:.1f} | "
+            f"{h['object_recall']:.1f} | {stats['distinct_words']} | {stats['distinct_captions']} | "
+            f"{stats['cut_mid_phrase']}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint")
@@ -59,12 +69,8 @@ def main() -> int:
                     texts.append(best.text)
                     ended.append(best.ended)
             predictions = {str(p): t for p, t in zip(paths, texts)}
-            scores = score_captions(predictions, references, metrics=("bleu", "cider"))
-            h = hallucination(predictions, references, table)
-            stats = caption_stats(texts, ended)
-            print(f"{Path(dataset).name} | {weight} | {threshold} | {scores['BLEU-4']:.2f} | {scores['CIDEr']:.2f} | "
-                  f"{h['CHAIRs']:.1f} | {h['CHAIRi']:.1f} | {h['object_recall']:.1f} | {stats['distinct_words']} | "
-                  f"{stats['distinct_captions']} | {stats['cut_mid_phrase']}", flush=True)
+            print(f"{Path(dataset).name} | {weight} | {threshold} | "
+                  f"{score_cells(predictions, references, ended, table)}", flush=True)
     return 0
 
 

@@ -1,0 +1,126 @@
+"""Can the image evidence tell when a photo shows no person? "person" is the object captions invent
+most often, so this measures, on dev splits, (1) how well person presence is detected from the
+pooled features: the checkpoint's own detectors for the person words, combined, against one
+detector trained here for the person group as a whole (any reference names a person); and (2) what
+a decode-time penalty on every person word, driven by that group detector, does to the captions.
+
+    python bench/person_evidence.py runs/flickr8k_coco/best --dataset ../shared/data/coco_extra \
+        --dataset ../shared/data/flickr8k --objects ../shared/data/coco_objects/synonyms.txt \
+        [--weights 0,2,4,8] [--threshold 0.3]
+
+The CHAIR table (--objects) says which words name a person, and its ground truth (the objects the
+references name) is the detector's target. The group penalty comes on top of the checkpoint's own
+evidence setting: each person word loses weight * log(p_person / threshold) where p_person is
+below the threshold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from captioner import Captioner  # noqa: E402
+from captioner.datasets import load_dataset  # noqa: E402
+from captioner.hallucination import ObjectTable, singular  # noqa: E402
+from captioner.images import image_batches  # noqa: E402
+from captioner.runtime import keep_freed_memory  # noqa: E402
+from evidence_sweep import score_cells  # noqa: E402  (bench/ is this script's folder)
+
+
+def auc(score: torch.Tensor, positive: torch.Tensor) -> float:
+    """Probability that a random positive outscores a random negative (ties count half)."""
+    pos, neg = score[positive], score[~positive]
+    return float((pos[:, None] > neg[None, :]).float().mean() + 0.5 * (pos[:, None] == neg[None, :]).float().mean())
+
+
+def fit_detector(pooled: torch.Tensor, target: torch.Tensor, epochs: int = 4, seed: int = 0):
+    """A logistic detector on standardised pooled features -> a function from pooled features to P."""
+    torch.manual_seed(seed)
+    mean, std = pooled.mean(0), pooled.std(0) + 1e-3
+    x, y = (pooled - mean) / std, target.float()[:, None]
+    head = torch.nn.Linear(x.size(1), 1)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=1e-2)
+    for _ in range(epochs):
+        for batch in torch.randperm(len(x)).split(128):
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(head(x[batch]), y[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return lambda features: torch.sigmoid(head((features - mean) / std))[:, 0].detach()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", nargs="?", default=None, help="default: the built-in model")
+    parser.add_argument("--dataset", action="append", required=True)
+    parser.add_argument("--objects", required=True, help="the CHAIR table (synonyms.txt)")
+    parser.add_argument("--weights", default="0,2,4,8", help="group penalty weights, comma-separated")
+    parser.add_argument("--threshold", type=float, default=0.3)
+    parser.add_argument("--beam-size", type=int, default=3)
+    args = parser.parse_args()
+    keep_freed_memory()
+    captioner = Captioner.from_pretrained(args.checkpoint)
+    decoder, vocab = captioner.decoder, captioner.vocab
+    table = ObjectTable.load(args.objects)
+    concept_words = [vocab.itos[i] for i in decoder.concept_words.tolist()]
+    person = torch.tensor([k for k, w in enumerate(concept_words) if table.words.get(singular(w)) == "person"])
+    person_ids = decoder.concept_words[person]
+    print("person words among the concept detectors:", ", ".join(concept_words[k] for k in person))
+    image_dim = decoder.config.image_dim
+
+    splits = {}
+    for dataset in args.dataset:
+        data = load_dataset(dataset)
+        for split in ("train", "val"):
+            records = data.split(split)
+            features = torch.cat([captioner.encode(pixels[0]) for _, pixels, _ in
+                                  image_batches([r.image for r in records], captioner.transform, 50, 0)])
+            shows = torch.tensor([any("person" in table.mentions(c) for c in r.captions) for r in records])
+            splits[Path(dataset).name, split] = (records, features.float(), shows)
+    train = [v for (_, split), v in splits.items() if split == "train"]
+    detector = fit_detector(torch.cat([f[:, :image_dim] for _, f, _ in train]), torch.cat([s for _, _, s in train]))
+
+    start = decoder.start
+    group = {"weight": 0.0, "p": None}
+
+    def start_with_group_penalty(features, *a, **k):
+        lstm_state, memory, bias = start(features, *a, **k)
+        if group["weight"] > 0:
+            extra = group["weight"] * torch.log(group["p"].clamp_min(1e-6) / args.threshold).clamp(max=0)
+            bias = bias.clone() if bias is not None else extra.new_zeros(1, len(extra), decoder.config.vocab_size)
+            bias[0, :, person_ids] += extra[:, None]
+        return lstm_state, memory, bias
+
+    decoder.start = start_with_group_penalty
+    print("dataset | images (no person) | AUC: word detectors max / noisy-or / group detector")
+    for (name, split), (records, features, shows) in splits.items():
+        if split != "val":
+            continue
+        words = torch.sigmoid(decoder.concept_logits(features)).detach()[:, person]
+        print(f"{name} | {len(records)} ({int((~shows).sum())}) | {auc(words.max(1).values, shows):.3f} / "
+              f"{auc(1 - (1 - words).prod(1), shows):.3f} / {auc(detector(features[:, :image_dim]), shows):.3f}")
+    print("dataset | group weight | BLEU-4 | CIDEr | CHAIRs | CHAIRi | recall | words | captions | cut | "
+          "person invented (in photos without one)")
+    for (name, split), (records, features, shows) in splits.items():
+        if split != "val":
+            continue
+        references = {str(r.image): r.captions for r in records}
+        group["p"] = detector(features[:, :image_dim])
+        for weight in [float(w) for w in args.weights.split(",")]:
+            group["weight"] = weight
+            beams = captioner.decode(features, "beam", beam_size=args.beam_size)
+            texts = [b[0].text for b in beams]
+            predictions = {str(r.image): t for r, t in zip(records, texts)}
+            invented = sum("person" in table.mentions(t) for t, s in zip(texts, shows.tolist()) if not s)
+            print(f"{name} | {weight} | {score_cells(predictions, references, [b[0].ended for b in beams], table)} | "
+                  f"{invented} of {int((~shows).sum())}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
