@@ -73,17 +73,21 @@ def main() -> int:
     print("person words among the concept detectors:", ", ".join(concept_words[k] for k in person))
     image_dim = decoder.config.image_dim
 
-    splits = {}
+    def encoded(records):
+        features = torch.cat([captioner.encode(pixels[0]) for _, pixels, _ in
+                              image_batches([r.image for r in records], captioner.transform, 50, 0)])
+        shows = torch.tensor([any("person" in table.mentions(c) for c in r.captions) for r in records])
+        return features.float(), shows
+
+    train_features, train_shows, dev = [], [], []
     for dataset in args.dataset:
         data = load_dataset(dataset)
-        for split in ("train", "val"):
-            records = data.split(split)
-            features = torch.cat([captioner.encode(pixels[0]) for _, pixels, _ in
-                                  image_batches([r.image for r in records], captioner.transform, 50, 0)])
-            shows = torch.tensor([any("person" in table.mentions(c) for c in r.captions) for r in records])
-            splits[Path(dataset).name, split] = (records, features.float(), shows)
-    train = [v for (_, split), v in splits.items() if split == "train"]
-    detector = fit_detector(torch.cat([f[:, :image_dim] for _, f, _ in train]), torch.cat([s for _, _, s in train]))
+        features, shows = encoded(data.split("train"))
+        train_features.append(features[:, :image_dim])
+        train_shows.append(shows)
+        dev.append((Path(dataset).name, data.split("val"), *encoded(data.split("val"))))
+    detector = fit_detector(torch.cat(train_features), torch.cat(train_shows))
+    dev = [(*d, detector(d[2][:, :image_dim])) for d in dev]  # + each photo's person probability
 
     start = decoder.start
     group = {"weight": 0.0, "p": None}
@@ -98,19 +102,15 @@ def main() -> int:
 
     decoder.start = start_with_group_penalty
     print("dataset | images (no person) | AUC: word detectors max / noisy-or / group detector")
-    for (name, split), (records, features, shows) in splits.items():
-        if split != "val":
-            continue
+    for name, records, features, shows, p_person in dev:
         words = torch.sigmoid(decoder.concept_logits(features)).detach()[:, person]
         print(f"{name} | {len(records)} ({int((~shows).sum())}) | {auc(words.max(1).values, shows):.3f} / "
-              f"{auc(1 - (1 - words).prod(1), shows):.3f} / {auc(detector(features[:, :image_dim]), shows):.3f}")
+              f"{auc(1 - (1 - words).prod(1), shows):.3f} / {auc(p_person, shows):.3f}")
     print("dataset | group weight | BLEU-4 | CIDEr | CHAIRs | CHAIRi | recall | words | captions | cut | "
           "person invented (in photos without one)")
-    for (name, split), (records, features, shows) in splits.items():
-        if split != "val":
-            continue
+    for name, records, features, shows, p_person in dev:
         references = {str(r.image): r.captions for r in records}
-        group["p"] = detector(features[:, :image_dim])
+        group["p"] = p_person
         for weight in [float(w) for w in args.weights.split(",")]:
             group["weight"] = weight
             beams = captioner.decode(features, "beam", beam_size=args.beam_size)

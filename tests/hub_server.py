@@ -26,7 +26,6 @@ class Repository:
         self.refs: dict[str, str] = {}  # branch -> commit
 
     def resolve(self, revision: str) -> str | None:
-        revision = unquote(revision)
         return self.refs.get(revision) or (revision if revision in self.commits else None)
 
     def commit(self, branch: str, files: dict[str, bytes]) -> str:
@@ -133,7 +132,7 @@ class LocalHub:
                         entry = json.loads(line)
                         if entry["key"] == "file":
                             files[entry["value"]["path"]] = base64.b64decode(entry["value"]["content"])
-                    commit = repo.commit(unquote(revision), files)
+                    commit = repo.commit(revision, files)
                     return self._json(200, {"commitOid": commit, "commitUrl": f"{hub.url}/{repo_id}/commit/{commit}",
                                             "success": True})
                 self._json(404, {"error": f"no route POST {action}"})
