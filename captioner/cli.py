@@ -130,7 +130,8 @@ def _caption_on_ray(args, paths: list[str], shards: bool, writer, options: dict,
     _, failed = caption_with_ray(todo, shards, args.out or "-", writer, address=args.ray or None,
                                  checkpoint=args.checkpoint, precision=args.precision, backend=args.backend,
                                  actors=args.ray_actors, gpus_per_actor=args.ray_gpus, method=args.method,
-                                 batch_size=args.batch_size, seed=args.seed, errors_to=errors, **options)
+                                 batch_size=args.batch_size, seed=args.seed, labels=args.labels, errors_to=errors,
+                                 **options)
     return failed
 
 

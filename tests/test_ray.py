@@ -1,5 +1,5 @@
 """Batch captioning on Ray Data: a real local Ray with two captioner actors gives what the
-single-process CLI gives, for files and for WebDataset shards."""
+single-process CLI gives (captions and --labels), for files and for WebDataset shards."""
 
 import json
 import subprocess
@@ -26,12 +26,15 @@ def test_ray_gives_the_single_process_captions_for_files_and_shards(tiny_checkpo
     spec = f"{shards}/{{00000..00002}}.tar"
     for inputs, name in ((scene_paths, "files"), ([spec], "shards")):
         alone, on_ray = tmp_path / f"{name}.jsonl", tmp_path / f"{name}-ray.jsonl"
-        expected = caption(*inputs, "--checkpoint", tiny_checkpoint, "--out", alone)
-        result = caption(*inputs, "--checkpoint", tiny_checkpoint, "--out", on_ray, "--ray", "--ray-actors", "2")
+        expected = caption(*inputs, "--checkpoint", tiny_checkpoint, "--out", alone, "--labels", 3)
+        result = caption(*inputs, "--checkpoint", tiny_checkpoint, "--out", on_ray, "--labels", 3, "--ray",
+                         "--ray-actors", "2")
         assert result.returncode == expected.returncode, result.stderr
         mine, theirs = records(on_ray), records(alone)
         assert mine.keys() == theirs.keys()
         assert all(mine[k]["caption"] == theirs[k]["caption"] for k in mine)
+        # what the encoder sees travels back from the actors as the single process writes it
+        assert all(len(mine[k]["labels"]) == 3 and mine[k]["labels"] == theirs[k]["labels"] for k in mine)
         if name == "shards":  # the bad members are reported on Ray too, each with shard and key
             assert result.returncode == 2 and "00000.tar:000000002" in result.stderr
             # keyed by shard and key as without Ray; the order is the order results came in
