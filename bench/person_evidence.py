@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from captioner import Captioner  # noqa: E402
 from captioner.datasets import load_dataset  # noqa: E402
 from captioner.hallucination import ObjectTable, singular  # noqa: E402
-from captioner.images import image_batches  # noqa: E402
+from captioner.loading import image_batches  # noqa: E402
 from captioner.runtime import keep_freed_memory  # noqa: E402
 from evidence_sweep import score_cells  # noqa: E402  (bench/ is this script's folder)
 

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import atomic_file
 from .encoders import Encoder
-from .images import image_batches
+from .loading import image_batches
 from .runtime import autocast, autocast_dtype
 
 

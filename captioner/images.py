@@ -1,4 +1,6 @@
-"""Image loading and preprocessing: anything a user hands us -> an upright RGB tensor, exactly as training saw it."""
+"""Image loading and preprocessing: anything a user hands us -> an upright RGB image, then the
+model's input exactly as training saw it. Only PIL and numpy: the ONNX runner (onnx_captioner.py)
+preprocesses without PyTorch; batches for PyTorch models come from loading.py."""
 
 from __future__ import annotations
 
@@ -10,7 +12,6 @@ from pathlib import Path
 from typing import Union
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
@@ -159,19 +160,33 @@ class ImageTransform:
         sx, sy = width / w, height / h
         return left * sx, top * sy, (left + self.size) * sx, (top + self.size) * sy
 
-    def to_tensor(self, img: Image.Image) -> torch.Tensor:
-        # (x / 255 - mean) / std as one scale and one shift, on a contiguous CHW float copy that numpy
-        # makes (3.4x faster than permuting and converting in torch, bench/README.md)
-        x = torch.from_numpy(np.ascontiguousarray(np.asarray(img, dtype=np.float32).transpose(2, 0, 1)))
-        std = torch.tensor(self.std).view(3, 1, 1)
-        return x.mul_(1 / (255 * std)).sub_(torch.tensor(self.mean).view(3, 1, 1) / std)
+    def to_array(self, img: Image.Image) -> np.ndarray:
+        """(x / 255 - mean) / std as one scale and one shift, in float32, on a contiguous CHW copy
+        (numpy makes it 3.4x faster than permuting and converting in torch, bench/README.md)."""
+        x = np.ascontiguousarray(np.asarray(img, dtype=np.float32).transpose(2, 0, 1))
+        std = np.asarray(self.std, dtype=np.float32).reshape(3, 1, 1)
+        x *= 1 / (255 * std)
+        x -= np.asarray(self.mean, dtype=np.float32).reshape(3, 1, 1) / std
+        return x
 
-    def __call__(self, img: Image.Image) -> torch.Tensor:
+    def to_tensor(self, img: Image.Image):
+        import torch  # here, not at the top: preprocessing itself needs no PyTorch (onnx_captioner.py)
+
+        return torch.from_numpy(self.to_array(img))
+
+    def __call__(self, img: Image.Image):
+        """-> the model's 3 x size x size float32 input, a torch tensor."""
         return self.to_tensor(self.resized(img))
 
-    def load(self, src: ImageInput, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
-        """Reads and preprocesses one input, decoding big JPEGs straight at reduced size."""
-        return self(load_image(src, draft_size=self.resize or self.size, max_pixels=max_pixels))
+    def load_array(self, src: ImageInput, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+        """Reads and preprocesses one input as a numpy array, decoding big JPEGs straight at reduced size."""
+        return self.to_array(self.resized(load_image(src, draft_size=self.resize or self.size, max_pixels=max_pixels)))
+
+    def load(self, src: ImageInput, max_pixels: int = MAX_IMAGE_PIXELS):
+        """`load_array`, as a torch tensor."""
+        import torch
+
+        return torch.from_numpy(self.load_array(src, max_pixels))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -183,55 +198,3 @@ class ImageTransform:
         if unknown:
             raise ValueError(f"image transform: unknown field(s) {sorted(unknown)}")
         return cls(**{**data, "mean": tuple(data["mean"]), "std": tuple(data["std"])})
-
-
-class ImageFiles(torch.utils.data.Dataset):
-    """Decodes and preprocesses images in DataLoader workers; a bad file yields its error, not an exception."""
-
-    def __init__(self, sources: list[ImageInput], transform: ImageTransform, flip: bool = False,
-                 max_pixels: int = MAX_IMAGE_PIXELS):
-        self.sources, self.transform, self.flip, self.max_pixels = sources, transform, flip, max_pixels
-
-    def __len__(self) -> int:
-        return len(self.sources)
-
-    def __getitem__(self, index: int):
-        try:
-            img = load_image(self.sources[index], draft_size=self.transform.resize or self.transform.size,
-                             max_pixels=self.max_pixels)
-            views = [self.transform(img)]
-            if self.flip:
-                views.append(self.transform(ImageOps.mirror(img)))
-            return index, torch.stack(views), None
-        except ImageError as err:
-            return index, None, str(err)
-        except Exception as err:  # a worker must never die on one file
-            return index, None, f"{describe(self.sources[index])}: {type(err).__name__}: {err}"
-
-
-def collate_images(items):
-    """-> (indices, stacked good views V x B x 3 x H x W or None, good indices, {index: error})."""
-    good = [(i, x) for i, x, _ in items if x is not None]
-    errors = {i: e for i, _, e in items if e is not None}
-    pixels = torch.stack([x for _, x in good], dim=1) if good else None
-    return [i for i, _ in good], pixels, errors
-
-
-def default_workers() -> int:
-    """Image-decoding processes for captioning files: none on a machine of 2 cores or fewer, where a
-    worker process competes with the model's own threads (26% slower here, bench/README.md)."""
-    return 0 if (os.cpu_count() or 1) <= 2 else 1
-
-
-def image_batches(sources: list[ImageInput], transform: ImageTransform, batch_size: int = 32,
-                  workers: int | None = 0, flip: bool = False, pin_memory: bool = False,
-                  max_pixels: int = MAX_IMAGE_PIXELS):
-    """Yields (indices, pixels, errors) batches in input order; decoding runs in `workers` processes
-    (None: `default_workers()`)."""
-    workers = default_workers() if workers is None else workers
-    loader = torch.utils.data.DataLoader(
-        ImageFiles(sources, transform, flip, max_pixels), batch_size=batch_size, num_workers=workers,
-        collate_fn=collate_images, pin_memory=pin_memory, persistent_workers=False,
-        prefetch_factor=4 if workers else None,
-    )
-    yield from loader

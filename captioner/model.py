@@ -16,8 +16,9 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .decoder import CaptionDecoder, set_step
 from .encoders import Encoder
 from .engines import build_engine, resolve_backend
-from .images import MAX_IMAGE_PIXELS, ImageError, ImageInput, ImageTransform, describe, image_batches
+from .images import MAX_IMAGE_PIXELS, ImageError, ImageInput, ImageTransform, describe
 from .labels import Label, top_labels
+from .loading import image_batches
 from .runtime import autocast_dtype
 from .vocab import Vocabulary
 

@@ -61,5 +61,5 @@ class OnnxCaptioner:
         return words
 
     def caption(self, images: Sequence[ImageInput], max_length: int = 20) -> list[str]:
-        pixels = np.stack([self.transform.load(image).numpy() for image in images])
+        pixels = np.stack([self.transform.load_array(image) for image in images])
         return [self.vocab.sentence(self.vocab.words(ids))[1] for ids in self.greedy(self.encode(pixels), max_length)]

@@ -3,6 +3,8 @@ encoder's backends (ONNX Runtime, OpenVINO), the ONNX export, and the decoder's 
 
 import copy
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -139,6 +141,13 @@ def check_onnx_export(checkpoint, out, images):
     assert deployed.caption(images) == exact.caption(images)
     # a dynamic batch: one image alone gives the caption it gets in a batch
     assert deployed.caption(images[:1]) == exact.caption(images[:1])
+    # what a deployment without PyTorch runs: the same captions where `import torch` fails
+    code = ("import json, sys; sys.modules['torch'] = None; "
+            "from captioner.onnx_captioner import OnnxCaptioner; "
+            "print(json.dumps(OnnxCaptioner(sys.argv[1]).caption(sys.argv[2:])))")
+    alone = subprocess.run([sys.executable, "-c", code, str(out), *map(str, images)], capture_output=True, text=True)
+    assert alone.returncode == 0, alone.stderr
+    assert json.loads(alone.stdout) == exact.caption(images)
 
 
 @pytest.mark.skipif(not installed("onnxruntime"), reason="onnxruntime is an optional extra, not installed")
