@@ -1,7 +1,8 @@
 """Caption dataset readers: one reader per format, one record type out.
 
 Formats: Flickr token files with split lists (Flickr8k/30k), Karpathy's split JSON, COCO caption
-annotations, and a plain CSV/JSONL of `image,caption[,split]`. `load_dataset` detects which.
+annotations, a plain CSV/JSONL of `image,caption[,split]`, and WebDataset shards
+("shards/{00000..00099}.tar", images read in place). `load_dataset` detects which.
 Problems (malformed lines, missing images, ...) are collected as "file:line: reason" and reported,
 never silently dropped; `strict=True` turns any of them into an error. `load_datasets` reads several
 (each its own format and image folder) as one, splits merged by name.
@@ -20,9 +21,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .shards import ShardMember, ShardProblem, expand, is_shard_spec, read_samples
+
 SPLIT_ALIASES = {"train": "train", "restval": "train", "val": "val", "dev": "val", "valid": "val",
                  "validation": "val", "test": "test"}
-FORMATS = ("flickr", "karpathy", "coco", "csv", "jsonl")
+FORMATS = ("flickr", "karpathy", "coco", "csv", "jsonl", "webdataset")
 
 
 class DatasetError(ValueError):
@@ -31,7 +34,7 @@ class DatasetError(ValueError):
 
 @dataclass
 class ImageCaptions:
-    image: Path
+    image: Path | ShardMember
     captions: list[str]
     split: str | None = None
     dataset: str = ""  # the part of a combined dataset it came from
@@ -263,6 +266,23 @@ def read_table(path: Path, image_root: Path) -> CaptionDataset:
     return CaptionDataset(path, fmt, builder.records(), problems)
 
 
+def read_shards(spec: str) -> CaptionDataset:
+    """WebDataset shards ("shards/{00000..00099}.tar", as img2dataset writes them), indexed in one
+    pass: each image stays in its shard, read in place when encoded. A sample's captions are KEY.txt's
+    lines, else KEY.json's "captions" or "caption"; its split is KEY.json's "split" (a recipe can set
+    one split for all of a dataset's samples instead)."""
+    problems: list[str] = []
+    records = []
+    for item in read_samples(expand(spec), need_caption=True, images_in_place=True):
+        if isinstance(item, ShardProblem):
+            problems.append(str(item))
+            continue
+        split = item.metadata.get("split")
+        split = _split_name(split, item.name, problems) if isinstance(split, str) else None
+        records.append(ImageCaptions(item.image, item.captions, split))
+    return CaptionDataset(Path(spec), "webdataset", records, problems)
+
+
 def _load_json(path: Path, problems: list[str]):
     try:
         return json.loads(_read_text(path, problems))
@@ -295,6 +315,11 @@ def load_dataset(path: str | Path, images: str | Path | None = None, format: str
 
     `images` is the image folder; by default `images/` (or the Flickr names) beside the annotations.
     """
+    if format == "webdataset" or (format is None and is_shard_spec(str(path))):
+        missing = [shard for shard in expand(str(path)) if not Path(shard).is_file()]
+        if missing:
+            raise DatasetError(f"{missing[0]}: no such shard" + (f" (and {len(missing) - 1} more)" if missing[1:] else ""))
+        return _checked(read_shards(str(path)), path, strict)
     path = Path(path)
     if not path.exists():
         raise DatasetError(f"{path}: no such file or directory")
@@ -319,6 +344,10 @@ def load_dataset(path: str | Path, images: str | Path | None = None, format: str
         dataset = read_coco(path, image_root)
     else:
         dataset = read_table(path, image_root)
+    return _checked(dataset, path, strict)
+
+
+def _checked(dataset: CaptionDataset, path, strict: bool) -> CaptionDataset:
     if not dataset.records:
         raise DatasetError(f"{path}: no usable image/caption pairs\n{dataset.summary()}")
     if strict and dataset.problems:
@@ -333,31 +362,40 @@ def dataset_name(spec: dict) -> str:
 
 
 def load_datasets(specs: list[dict], strict: bool = False) -> CaptionDataset:
-    """Several datasets read as one: each spec is {path, images?, format?, name?}; records keep the
-    name of the dataset they came from (default: the path's folder name) and splits merge by name."""
+    """Several datasets read as one: each spec is {path, images?, format?, name?, split?}; records keep
+    the name of the dataset they came from (default: the path's folder name) and splits merge by
+    name. `split` puts all of an entry's images in that split; entries that give the same `name`
+    are one dataset (its train and dev shards listed apart, say)."""
     if not specs:
         raise DatasetError("no datasets given")
     records, problems, sources = [], [], {}
+    named: set[str] = set()  # names given explicitly: entries sharing one are parts of one dataset
     for n, spec in enumerate(specs):
         if not isinstance(spec, dict) or not isinstance(spec.get("path"), str):
-            raise DatasetError(f"datasets[{n}]: needs a 'path' (and optionally 'images', 'format', 'name')")
-        unknown = sorted(set(spec) - {"path", "images", "format", "name"})
+            raise DatasetError(f"datasets[{n}]: needs a 'path' (and optionally 'images', 'format', 'name', 'split')")
+        unknown = sorted(set(spec) - {"path", "images", "format", "name", "split"})
         if unknown:
             raise DatasetError(f"datasets[{n}]: unknown field(s) {', '.join(unknown)}")
-        path = Path(spec["path"])
         name = dataset_name(spec)
-        if name in sources:
+        if name in sources and not (spec.get("name") and name in named):
             raise DatasetError(f"datasets[{n}]: a second dataset named {name!r}; give each a 'name'")
-        part = load_dataset(path, spec.get("images"), spec.get("format"), strict=strict)
-        sources[name] = (part.source, part.format)
+        if spec.get("name"):
+            named.add(name)
+        split = spec.get("split")
+        if split and split not in SPLIT_ALIASES:
+            raise DatasetError(f"datasets[{n}]: unknown split {split!r} (expected train, val/dev or test)")
+        part = load_dataset(spec["path"], spec.get("images"), spec.get("format"), strict=strict)
+        sources.setdefault(name, (part.source, part.format))
         for record in part.records:
             record.dataset = name
+            record.split = SPLIT_ALIASES[split] if split else record.split
         records += part.records
         problems += part.problems
-    seen: dict[Path, str] = {}
+    seen: dict[Path | ShardMember, str] = {}
     for record in records:
-        key = record.image.resolve()
+        key = record.image.resolve() if isinstance(record.image, Path) else record.image
         if key in seen and seen[key] != record.dataset:
             problems.append(f"{record.image}: in both {seen[key]} and {record.dataset}; kept twice")
         seen[key] = record.dataset
-    return CaptionDataset(Path(specs[0]["path"]), "combined", records, problems, sources)
+    fmt = next(iter(sources.values()))[1] if len(sources) == 1 else "combined"
+    return CaptionDataset(Path(specs[0]["path"]), fmt, records, problems, sources)

@@ -6,24 +6,24 @@ import json
 import os
 from pathlib import Path
 
-from .datasets import load_dataset
+from .datasets import CaptionDataset, load_dataset
 from .hallucination import ObjectTable, hallucination
 from .metrics import caption_stats, score_captions
 from .model import Captioner
 
 
-def evaluate(captioner: Captioner, dataset: str | Path, split: str = "test", *, images: str | None = None,
+def evaluate(captioner: Captioner, dataset: str | Path | CaptionDataset, split: str = "test", *, images: str | None = None,
              format: str | None = None, method: str = "beam", out_dir: str | Path | None = None,
              batch_size: int = 50, workers: int | None = None, limit: int = 0, objects: str | Path | None = None,
              **options) -> dict:
     """-> scores (BLEU-1..4, METEOR, ROUGE-L, CIDEr) and caption stats, and with `objects` (the
     CHAIR table) object hallucination and recall; with `out_dir`, writes predictions.jsonl and
-    scores.json there."""
+    scores.json there. `dataset`: a path as `load_dataset` reads it, or a dataset already read."""
     table = ObjectTable.load(objects) if objects else None  # a bad table fails before captioning
-    data = load_dataset(dataset, images, format)
+    data = dataset if isinstance(dataset, CaptionDataset) else load_dataset(dataset, images, format)
     records = data.split(split)
     if not records:
-        raise ValueError(f"{dataset}: split {split!r} is empty")
+        raise ValueError(f"{data.source}: split {split!r} is empty")
     if limit:
         records = records[:limit]
     predictions, ended, rows = {}, [], []
@@ -40,7 +40,7 @@ def evaluate(captioner: Captioner, dataset: str | Path, split: str = "test", *, 
     references = {str(r.image): r.captions for r in records}
     scores = score_captions(predictions, references)
     stats = caption_stats(list(predictions.values()), ended)
-    report = {"dataset": str(dataset), "split": split, "method": method, "options": options, "scores": scores,
+    report = {"dataset": str(data.source if isinstance(dataset, CaptionDataset) else dataset), "split": split, "method": method, "options": options, "scores": scores,
               "stats": stats, "failed_images": len(records) - len(predictions)}
     if table is not None:
         report["hallucination"] = hallucination(predictions, references, table)

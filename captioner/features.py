@@ -1,4 +1,9 @@
-"""Encoder features computed once and cached on disk, so training epochs touch only the decoder.
+"""Encoder features computed once and kept on disk, so training epochs touch only the decoder.
+
+The cache is a folder of chunk files (safetensors, `chunk_mb` each at most), written one by one as
+encoding goes, and memory-mapped when read: a batch pages in only the rows it picks, so a cache
+larger than RAM trains (an attention decoder's maps: 2 GB for Flickr8k, ~31 GB for COCO), and an
+interrupted encoding keeps every chunk it finished.
 
 With `boundary=True` the cache holds the activations where the encoder's frozen blocks end instead
 of pooled features: fine-tuning the last blocks then never runs the frozen ones again."""
@@ -8,19 +13,22 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import struct
 from pathlib import Path
 
+import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .checkpoint import atomic_file
 from .encoders import Encoder
 from .loading import image_batches
 from .runtime import autocast, autocast_dtype
+from .shards import ShardMember
 
 
-def cache_key(encoder: Encoder, paths: list[Path], flip: bool, device: torch.device, precision: str,
+def cache_key(encoder: Encoder, paths: list[Path | ShardMember], flip: bool, device: torch.device, precision: str,
               boundary: bool = False) -> str:
     """Changes whenever the encoder, its weights, the preprocessing, the precision it computes in, the
     block it stops at, or the images (their contents, in order) change.
@@ -28,7 +36,7 @@ def cache_key(encoder: Encoder, paths: list[Path], flip: bool, device: torch.dev
     Images are keyed by content, not by path and modification time: a dataset that is copied, moved
     or remounted keeps its cache (hashing Flickr8k's 8000 JPEGs takes under a second; encoding them
     takes minutes)."""
-    files = [_content_id(Path(p)) for p in paths]
+    files = [_content_id(p) for p in paths]
     dtype = autocast_dtype(device, precision) or torch.float32
     what = {"encoder": encoder.name, "weights": encoder.weights_id, "transform": encoder.transform.to_dict(),
             "flip": flip, "dtype": str(dtype), "files": files}
@@ -40,38 +48,77 @@ def cache_key(encoder: Encoder, paths: list[Path], flip: bool, device: torch.dev
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def _content_id(path: Path) -> str:
+def _content_id(image: Path | ShardMember) -> str:
+    image = image if isinstance(image, ShardMember) else Path(image)
+    file = Path(image.shard) if isinstance(image, ShardMember) else image
     try:
-        stat = path.stat()
-        return _digest(str(path), stat.st_size, stat.st_mtime_ns)
-    except OSError as err:  # encoding reports the file as unreadable; the key just has to be stable
-        return f"unreadable: {err.strerror}"
+        stat = file.stat()
+        return _digest(image, stat.st_size, stat.st_mtime_ns)
+    except OSError as err:  # encoding reports the image as unreadable; the key just has to be stable
+        return f"unreadable: {err.strerror or err}"
 
 
 @functools.lru_cache(maxsize=None)
-def _digest(path: str, size: int, mtime_ns: int) -> str:
+def _digest(image: Path | ShardMember, size: int, mtime_ns: int) -> str:
     # Memoised within a process: fine-tuning keys its activations over the same images right after
-    # the features, and need not read them all again (a minute for COCO). Size and mtime are part
-    # of the memo's key only, so a file rewritten meanwhile is read afresh.
-    return hashlib.blake2b(Path(path).read_bytes(), digest_size=16).hexdigest()
+    # the features, and need not read them all again (a minute for COCO). The file's (or shard's)
+    # size and mtime are part of the memo's key only, so a file rewritten meanwhile is read afresh.
+    return hashlib.blake2b(image.read_bytes(), digest_size=16).hexdigest()
+
+
+class FeatureStore:
+    """Cached features as one V x N x ... array over memory-mapped chunk files, indexed as
+    `store[views, images]` (views an int or one per image): only the picked rows are read. `subset`
+    narrows it to some images (a split) without reading anything."""
+
+    def __init__(self, chunks: list[torch.Tensor], images: torch.Tensor | None = None):
+        self.chunks = chunks
+        sizes = torch.tensor([c.size(1) for c in chunks])
+        self.starts = torch.cumsum(sizes, 0) - sizes
+        self.images = torch.arange(int(sizes.sum())) if images is None else images
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.chunks[0].size(0), len(self.images), *self.chunks[0].shape[2:])
+
+    def size(self, dim: int) -> int:
+        return self.shape[dim]
+
+    def subset(self, images) -> "FeatureStore":
+        return FeatureStore(self.chunks, self.images[torch.as_tensor(images, dtype=torch.long)])
+
+    def __getitem__(self, key) -> torch.Tensor:
+        views, images = key
+        wanted = self.images[images].reshape(-1)
+        views = torch.as_tensor(views, dtype=torch.long).expand(len(wanted))
+        chunk_of = torch.searchsorted(self.starts, wanted, right=True) - 1
+        out = torch.empty(len(wanted), *self.shape[2:], dtype=self.chunks[0].dtype)
+        for c in chunk_of.unique().tolist():
+            rows = (chunk_of == c).nonzero().squeeze(1)
+            out[rows] = self.chunks[c][views[rows], wanted[rows] - self.starts[c]]
+        return out
+
+    def tensor(self, view: int = 0) -> torch.Tensor:
+        """Every image of one view, read into memory (a dev split, decoded each epoch)."""
+        return self[view, slice(None)]
 
 
 @torch.inference_mode()
 def compute_features(encoder: Encoder, paths: list[Path], *, flip: bool = False, batch_size: int = 64,
                      workers: int = 1, device: str | torch.device = "cpu", precision: str = "auto",
-                     boundary: bool = False, desc: str = "encoding images"):
+                     boundary: bool = False, desc: str = "encoding images", bar: tqdm | None = None):
     """-> (features V x N x D fp16, {index: error}). V is 2 with `flip` (original, mirrored).
 
-    `boundary`: V x N x C x h x w activations at `Encoder.boundary` instead of pooled features."""
+    `boundary`: V x N x C x h x w activations at `Encoder.boundary` instead of pooled features.
+    `bar`: a progress bar to advance instead of a new one."""
     device = torch.device(device)
     encoder = encoder.to(device).eval()
     run = encoder.boundary if boundary else encoder
+    shape = _output_shape(encoder, boundary, device)
     views = 2 if flip else 1
-    size = encoder.transform.size
-    shape = run(torch.zeros(1, 3, size, size, device=device)).shape[1:]
     out = torch.zeros(views, len(paths), *shape, dtype=torch.float16)
     errors: dict[int, str] = {}
-    with tqdm(total=len(paths), desc=desc, unit="img") as bar:
+    with tqdm(total=len(paths), desc=desc, unit="img", disable=bar is not None) as own_bar:
         for indices, pixels, bad in image_batches(paths, encoder.transform, batch_size, workers, flip,
                                                   pin_memory=device.type == "cuda"):
             errors.update(bad)
@@ -80,79 +127,83 @@ def compute_features(encoder: Encoder, paths: list[Path], *, flip: bool = False,
                 with autocast(device, precision):
                     feats = run(x).float()
                 out[:, indices] = feats.reshape(views, len(indices), *shape).half().cpu()
-            bar.update(len(indices) + len(bad))
+            (bar or own_bar).update(len(indices) + len(bad))
     return out, errors
+
+
+@torch.inference_mode()
+def _output_shape(encoder: Encoder, boundary: bool, device: torch.device) -> tuple[int, ...]:
+    encoder = encoder.to(device).eval()
+    run = encoder.boundary if boundary else encoder
+    size = encoder.transform.size
+    return tuple(run(torch.zeros(1, 3, size, size, device=device)).shape[1:])
 
 
 def cached_features(encoder: Encoder, paths: list[Path], cache_dir: str | Path, *, flip: bool = False,
                     batch_size: int = 64, workers: int = 1, device: str | torch.device = "cpu",
-                    precision: str = "auto", boundary: bool = False, rank: int = 0, processes: int = 1,
-                    barrier=lambda: None):
-    """Loads features for `paths` from the cache, computing and storing them on a miss.
+                    precision: str = "auto", boundary: bool = False, chunk_mb: float = 256.0,
+                    rank: int = 0, processes: int = 1, barrier=lambda: None):
+    """Opens the cached features of `paths`, encoding the chunks that are missing first.
 
-    Several processes (`rank` of `processes`, meeting at `barrier`) share the work on a miss: every
-    rank derives the same cache key from the same inputs, so they agree on the file names without
-    talking; each encodes every `processes`-th image from its rank on into its own part file, and
-    rank 0 merges the parts into the cache file the others then read. The cache folder must be one
-    that every node sees (a shared file system).
+    Several processes (`rank` of `processes`, meeting at `barrier`) share the encoding: every rank
+    derives the same cache key and chunking from the same inputs, so they agree on the file names
+    without talking; chunk c is encoded by rank c % processes, and after the barrier every rank
+    maps them all. The cache folder must be one that every node sees (a shared file system).
 
-    -> (features V x N x D fp16, {index: error}, cache file path)
+    -> (FeatureStore V x N x ..., {index: error}, cache folder)
     """
-    key = cache_key(encoder, paths, flip, torch.device(device), precision, boundary)
-    cache_dir = Path(cache_dir)
+    device = torch.device(device)
+    key = cache_key(encoder, paths, flip, device, precision, boundary)
     kind = f"activations-{encoder.frozen_blocks}blocks" if boundary else "features"
-    path = cache_dir / f"{kind}-{encoder.name}-{key}.safetensors"
-    stored = _load(path)
-    if stored is not None:
-        return (*stored, path)
-    encode = dict(flip=flip, batch_size=batch_size, workers=workers, device=device, precision=precision,
-                  boundary=boundary)
-    if processes == 1:
-        features, errors = compute_features(encoder, paths, **encode)
-        _save(path, features, errors, key, encoder.name, len(paths))
-        return features, errors, path
-    def part(r: int) -> Path:
-        return path.with_name(f"{path.stem}.part{r}of{processes}.safetensors")
+    folder = Path(cache_dir) / f"{kind}-{encoder.name}-{key}"
+    shape = _output_shape(encoder, boundary, device)
+    views = 2 if flip else 1
+    per_chunk = max(1, int(chunk_mb * 2**20) // (views * int(np.prod(shape)) * 2))
+    bounds = [(start, min(start + per_chunk, len(paths))) for start in range(0, len(paths), per_chunk)]
+    files = [folder / f"images-{start:09d}-{stop:09d}.safetensors" for start, stop in bounds]
+    mine = [c for c in range(len(files)) if c % processes == rank and _open_chunk(files[c]) is None]
+    if mine:
+        folder.mkdir(parents=True, exist_ok=True)
+        todo = sum(bounds[c][1] - bounds[c][0] for c in mine)
+        desc = "encoding images" + (f" (rank {rank} of {processes}: {len(mine)} chunks)" if processes > 1 else "")
+        with tqdm(total=todo, desc=desc, unit="img") as bar:
+            for c in mine:
+                start, stop = bounds[c]
+                features, errors = compute_features(encoder, paths[start:stop], flip=flip, batch_size=batch_size,
+                                                    workers=workers, device=device, precision=precision,
+                                                    boundary=boundary, bar=bar)
+                metadata = {"key": key, "encoder": encoder.name, "start": str(start), "images": str(stop - start),
+                            "errors": json.dumps({start + i: e for i, e in errors.items()})}
+                atomic_file(files[c], lambda tmp: save_file({"features": features}, tmp, metadata=metadata))
+    barrier()  # every rank's chunks are written
+    chunks, errors = [], {}
+    for path in files:
+        opened = _open_chunk(path)
+        if opened is None:
+            raise RuntimeError(f"feature cache {path} is missing or unreadable after encoding")
+        chunks.append(opened[0])
+        errors.update(opened[1])
+    return FeatureStore(chunks), errors, folder
 
-    mine = range(rank, len(paths), processes)
-    features, errors = compute_features(encoder, [paths[i] for i in mine], **encode,
-                                        desc=f"encoding images (rank {rank}: 1 in {processes})")
-    _save(part(rank), features, {mine[i]: e for i, e in errors.items()}, key, encoder.name, len(mine))
-    barrier()  # every part is written
-    if rank == 0:
-        parts = [part(r) for r in range(processes)]
-        loaded = [_load(p) for p in parts]
-        merged = torch.zeros(features.size(0), len(paths), *features.shape[2:], dtype=features.dtype)
-        for r, (share, share_errors) in enumerate(loaded):
-            merged[:, r::processes] = share
-            errors.update(share_errors)
-        _save(path, merged, errors, key, encoder.name, len(paths))
-        for p in parts:
-            p.unlink()
-    barrier()  # the merged file is in place
-    return (*_load(path), path)
 
+def _open_chunk(path: Path):
+    """(features memory-mapped, {index: error}) of a chunk file, or None when it is missing or unreadable.
 
-def _load(path: Path):
-    """(features, errors) of a cache file, or None when it is missing or unreadable."""
+    The safetensors header is read as the format defines it (8-byte length, JSON), and the tensor
+    mapped copy-on-write: nothing is loaded until indexed, and the file is never written."""
     if not path.is_file():
         return None
     try:
-        stored = load_file(str(path))
-        errors = {int(k): v for k, v in json.loads(_metadata(path).get("errors", "{}")).items()}
-        return stored["features"], errors
-    except Exception as err:  # a torn or foreign file: recompute rather than fail
-        print(f"feature cache {path} unreadable ({err}); recomputing")
+        with path.open("rb") as f:
+            length = struct.unpack("<Q", f.read(8))[0]
+            header = json.loads(f.read(length))
+        entry = header["features"]
+        if entry["dtype"] != "F16":
+            raise ValueError(f"dtype {entry['dtype']}, expected F16")
+        begin, _ = entry["data_offsets"]
+        array = np.memmap(path, dtype=np.float16, mode="c", offset=8 + length + begin, shape=tuple(entry["shape"]))
+        errors = {int(k): v for k, v in json.loads(header.get("__metadata__", {}).get("errors", "{}")).items()}
+        return torch.from_numpy(array), errors
+    except Exception as err:  # a torn or foreign file: encode its images again rather than fail
+        print(f"feature cache {path} unreadable ({err}); encoding its images again")
         return None
-
-
-def _save(path: Path, features: torch.Tensor, errors: dict, key: str, encoder_name: str, images: int) -> None:
-    metadata = {"key": key, "encoder": encoder_name, "errors": json.dumps(errors), "images": str(images)}
-    atomic_file(path, lambda tmp: save_file({"features": features.contiguous()}, tmp, metadata=metadata))
-
-
-def _metadata(path: Path) -> dict:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        return f.metadata() or {}

@@ -36,7 +36,7 @@ def finetune(config: TrainConfig, encoder: Encoder, best_dir: Path, cache: dict,
     activations, _, cache_path = cached_features(encoder, **cache, boundary=True)
     log(f"activations at the frozen boundary: {tuple(activations.shape)} from {cache_path}")
     train_activations, val_activations = split(activations)
-    del activations
+    val_activations = val_activations.tensor(0)  # the dev split, read once for every epoch's validation
     owners, captions = encode_captions(train_records, vocab, config.max_caption_length)
     optimizer = torch.optim.AdamW([
         {"params": [p for p in encoder.parameters() if p.requires_grad], "lr": config.finetune_lr},
@@ -73,7 +73,7 @@ def finetune(config: TrainConfig, encoder: Encoder, best_dir: Path, cache: dict,
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{total / seen:.3f}")
         bar.close()
-        val_features = features_from_boundary(encoder, val_activations[0], device, config.precision,
+        val_features = features_from_boundary(encoder, val_activations, device, config.precision,
                                               decoder.config.takes_map)
         val = validate(decoder, val_features, val_records, vocab, device, config)
         improved = val["CIDEr"] > best_cider

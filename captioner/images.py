@@ -14,7 +14,9 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
+from .shards import ShardMember
+
+ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray, ShardMember]
 
 # Above this many pixels an image is refused before decoding: a 30000x30000 PNG of a few KB would
 # otherwise expand to 2.7 GB. An 8000x6000 camera photo (48 MP) is well inside.
@@ -28,7 +30,7 @@ class ImageError(ValueError):
 
 
 def describe(src: ImageInput) -> str:
-    if isinstance(src, (str, os.PathLike)):
+    if isinstance(src, (str, os.PathLike, ShardMember)):
         return str(src)
     if isinstance(src, bytes):
         return f"<{len(src):,} bytes>"
@@ -89,8 +91,13 @@ def load_image(src: ImageInput, *, draft_size: int | None = None, max_pixels: in
             if not src:
                 raise ImageError(f"{name}: empty input")
             stream = io.BytesIO(src)
+        elif isinstance(src, ShardMember):
+            try:
+                stream = io.BytesIO(src.read_bytes())
+            except OSError as err:
+                raise ImageError(f"{name}: cannot read it from its shard ({err})") from err
         else:
-            raise ImageError(f"{name}: not an image path, bytes, PIL image or numpy array")
+            raise ImageError(f"{name}: not an image path, bytes, PIL image, numpy array or shard member")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)

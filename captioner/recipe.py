@@ -27,6 +27,7 @@ class TrainConfig:
     strict: bool = False  # refuse a dataset with any problem instead of training on the clean part
     output: str = "runs/flickr8k"
     cache_dir: str = "~/.cache/captioner/features"
+    cache_chunk_mb: float = 256.0  # the feature cache's files: memory-mapped while training, one written at a time
     # encoder and preprocessing
     encoder: str = "efficientnet_lite0"
     encoder_weights: str = "DEFAULT"

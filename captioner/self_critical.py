@@ -31,6 +31,7 @@ from . import decoding
 from .batches import pad_batch
 from .checkpoint import load_checkpoint, save_checkpoint
 from .decoder import caption_loss, members_log_probs
+from .features import FeatureStore
 from .optimization import grad_scaler, learning_rate, optimization_step
 from .runtime import autocast
 from .validation import log_epoch, save_phase_best, validate
@@ -115,7 +116,7 @@ def keeps_caption_quality(candidate: dict, reference: dict, min_word_ratio: floa
             and candidate["hit_max_length"] <= reference["hit_max_length"])
 
 
-def self_critical(config, encoder, best_dir: Path, train_features: torch.Tensor, owners: torch.Tensor,
+def self_critical(config, encoder, best_dir: Path, train_features: FeatureStore, owners: torch.Tensor,
                   captions: list[list[int]], val_features: torch.Tensor, val_records, vocab,
                   device: torch.device, metrics_path: Path, epochs_done: int) -> None:
     """Trains `best/`'s decoder with self-critical sequence training for `config.self_critical_epochs`

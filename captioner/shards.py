@@ -2,6 +2,8 @@
 (`KEY.jpg` or `.png`/`.webp` beside `KEY.txt` and/or `KEY.json` with a "caption" field). Read with
 the standard library's `tarfile` in stream mode, member by member, never unpacked to disk; written
 the same way, so a recaptioned copy of a dataset is one `captioner caption ... --out 'x/{00000..}.tar'`.
+Training indexes shards instead: each image stays in its shard as a `ShardMember` (where its bytes
+lie), read in place whenever it is encoded.
 """
 
 from __future__ import annotations
@@ -40,11 +42,32 @@ def is_shard_spec(path: str) -> bool:
     return expand(path)[0].endswith(".tar") if path else False
 
 
+@dataclass(frozen=True)
+class ShardMember:
+    """An image inside an uncompressed shard, read in place: the shard and the member's byte range."""
+
+    shard: str
+    key: str
+    offset: int
+    size: int
+
+    def __str__(self) -> str:
+        return f"{self.shard}:{self.key}"
+
+    def read_bytes(self) -> bytes:
+        with open(self.shard, "rb") as f:
+            f.seek(self.offset)
+            data = f.read(self.size)
+        if len(data) != self.size:
+            raise OSError(f"{self}: the shard ends inside this member ({len(data):,} of {self.size:,} bytes)")
+        return data
+
+
 @dataclass
 class Sample:
     shard: str
     key: str
-    files: dict[str, bytes] = field(default_factory=dict)  # extension -> content
+    files: dict[str, bytes | ShardMember] = field(default_factory=dict)  # extension -> content (or where it lies)
 
     @property
     def name(self) -> str:
@@ -56,7 +79,7 @@ class Sample:
         return next((ext for ext in IMAGE_EXTENSIONS if ext in self.files), None)
 
     @property
-    def image(self) -> bytes | None:
+    def image(self) -> bytes | ShardMember | None:
         ext = self.image_extension
         return self.files[ext] if ext else None
 
@@ -64,13 +87,28 @@ class Sample:
     def caption(self) -> str | None:
         if "txt" in self.files:
             return self.files["txt"].decode("utf-8", errors="replace").strip()
-        if "json" in self.files:
-            try:
-                caption = json.loads(self.files["json"]).get("caption")
-            except (ValueError, AttributeError):
-                return None
-            return caption if isinstance(caption, str) else None
-        return None
+        caption = self.metadata.get("caption")
+        return caption if isinstance(caption, str) else None
+
+    @property
+    def captions(self) -> list[str]:
+        """Every caption of the sample, for training: KEY.txt's lines, else KEY.json's "captions"
+        list or its "caption"."""
+        if "txt" in self.files:
+            return [line.strip() for line in self.caption.splitlines() if line.strip()]
+        captions = self.metadata.get("captions")
+        if isinstance(captions, list) and all(isinstance(c, str) for c in captions):
+            return [c for c in captions if c.strip()]
+        return [self.caption] if self.caption else []
+
+    @property
+    def metadata(self) -> dict:
+        """KEY.json as a dict ({} when absent or not a JSON object)."""
+        try:
+            data = json.loads(self.files.get("json", b"{}"))
+        except ValueError:
+            return {}
+        return data if isinstance(data, dict) else {}
 
 
 @dataclass
@@ -96,14 +134,19 @@ def _split(member_name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
-def read_samples(shards: list[str], need_caption: bool = False) -> Iterator[Sample | ShardProblem]:
+def read_samples(shards: list[str], need_caption: bool = False,
+                 images_in_place: bool = False) -> Iterator[Sample | ShardProblem]:
     """Samples in shard order, each as soon as its members have been read. A sample without an
     image, or (with `need_caption`) without a caption, and a shard that is missing or truncated
-    come as `ShardProblem`s; reading goes on with the next sample or shard."""
+    come as `ShardProblem`s; reading goes on with the next sample or shard.
+
+    `images_in_place`: a sample's image is its `ShardMember`, not its bytes, so that an index of a
+    large dataset holds no images; the shards must then be uncompressed .tar (offsets into a
+    compressed stream cannot be read in place)."""
     for shard in shards:
         current: Sample | None = None
         try:
-            with tarfile.open(shard, mode="r|*") as tar:
+            with tarfile.open(shard, mode="r|" if images_in_place else "r|*") as tar:
                 for member in tar:
                     if not member.isfile():
                         continue
@@ -113,12 +156,16 @@ def read_samples(shards: list[str], need_caption: bool = False) -> Iterator[Samp
                         current = None
                     if current is None:
                         current = Sample(shard, key)
-                    current.files[ext] = tar.extractfile(member).read()
+                    if images_in_place and ext in IMAGE_EXTENSIONS:
+                        current.files[ext] = ShardMember(shard, key, member.offset_data, member.size)
+                    else:
+                        current.files[ext] = tar.extractfile(member).read()
         except (OSError, tarfile.TarError, EOFError) as err:
             # the sample being read when the shard broke is incomplete: reported, not captioned
             where = f" after {current.key}" if current is not None else ""
+            hint = "; shards read in place must be uncompressed .tar" if images_in_place and current is None else ""
             yield ShardProblem(shard, current.key if current else None,
-                               f"unreadable shard{where} ({type(err).__name__}: {err})")
+                               f"unreadable shard{where} ({type(err).__name__}: {err}){hint}")
             continue
         if current is not None:
             yield _checked(current, need_caption)
@@ -128,7 +175,7 @@ def _checked(sample: Sample, need_caption: bool) -> Sample | ShardProblem:
     if sample.image is None:
         members = ", ".join(f".{ext}" for ext in sample.files)
         return ShardProblem(sample.shard, sample.key, f"no image (members: {members})")
-    if need_caption and sample.caption is None:
+    if need_caption and not sample.captions:
         return ShardProblem(sample.shard, sample.key, "no caption (.txt, or .json with a 'caption' field)")
     return sample
 

@@ -27,11 +27,11 @@ from .batches import encode_captions, pad_batch, shuffled_batches
 from .checkpoint import load_checkpoint, resolve_directory, save_checkpoint
 from .concepts import concept_targets as make_concept_targets
 from .concepts import concept_words
-from .datasets import CaptionDataset, dataset_name, load_dataset, load_datasets
+from .datasets import CaptionDataset, dataset_name, load_datasets
 from .decoder import build_decoder, caption_loss, members_log_probs
 from .distributed import barrier, check_same_weights, log, setup_device, world
 from .encoders import build_encoder
-from .features import cached_features
+from .features import FeatureStore, cached_features
 from .finetune import finetune
 from .labels import imagenet_classes
 from .optimization import grad_scaler, learning_rate, optimization_step
@@ -131,7 +131,8 @@ def prepare(config: TrainConfig, device: torch.device):
     for part in dataset.parts():
         if not any(r.dataset == part for r in val_records):
             raise ValueError(f"{dict(dataset.sources).get(part, (dataset.source,))[0]}: no images in the val/dev "
-                             f"split (each dataset needs one for early stopping)")
+                             "split (each dataset needs one for early stopping; shards take theirs from KEY.json's "
+                             "\"split\", or from a [[datasets]] entry of the same name with split = \"val\")")
     encoder = build_encoder(config.encoder, config.encoder_weights, with_labels=config.labels)
     encoder.transform = dataclasses.replace(encoder.transform, size=config.image_size,
                                             resize=None if config.squash else round(config.image_size / 0.875))
@@ -140,7 +141,7 @@ def prepare(config: TrainConfig, device: torch.device):
     rank, processes = world()
     cache = dict(paths=paths, cache_dir=Path(config.cache_dir).expanduser(), flip=config.flip,
                  batch_size=config.encode_batch_size, workers=config.workers, device=device,
-                 precision=config.precision)
+                 precision=config.precision, chunk_mb=config.cache_chunk_mb)
     # Each rank encodes its share of a cache miss (features.py). An attention decoder reads the
     # whole map: the activations after all blocks, cached as such.
     features, errors, cache_path = cached_features(encoder, **cache, boundary=config.attention_dim > 0,
@@ -156,15 +157,16 @@ def prepare(config: TrainConfig, device: torch.device):
     train_index = [index[str(r.image)] for r in train_records]
     val_index = [index[str(r.image)] for r in val_records]
 
-    def split(cached: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return cached[:, train_index], cached[:, val_index]
+    def split(cached: FeatureStore) -> tuple[FeatureStore, FeatureStore]:
+        return cached.subset(train_index), cached.subset(val_index)
 
     vocab = Vocabulary.build((c for r in train_records for c in r.captions), config.min_count,
                              config.max_vocab or None)
     log(f"vocabulary: {len(vocab):,} words (min_count {config.min_count})")
     train_features, val_features = split(features)
-    return (dataset, encoder, vocab, (train_records, train_features), (val_records, val_features), cache,
-            split)
+    # the dev split is decoded whole every epoch: read into memory once
+    return (dataset, encoder, vocab, (train_records, train_features), (val_records, val_features.tensor(0)),
+            cache, split)
 
 
 def train(config: TrainConfig, resume: bool = False) -> Path:
@@ -266,7 +268,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
         progress["epoch"] = epoch
         stop = torch.zeros(1)
         if rank == 0:
-            val = validate(evaluated, val_features[0], val_records, vocab, device, config)
+            val = validate(evaluated, val_features, val_records, vocab, device, config)
             improved = val["CIDEr"] > progress["best_cider"]
             if improved:
                 progress.update(best_cider=val["CIDEr"], best_epoch=epoch, bad_epochs=0)
@@ -299,7 +301,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     if config.self_critical_epochs:
         if processes > 1:
             raise ValueError("the self-critical phase runs in one process; start it without torchrun")
-        self_critical(config, encoder, best_dir, train_features, owners, captions, val_features[0], val_records,
+        self_critical(config, encoder, best_dir, train_features, owners, captions, val_features, val_records,
                       vocab, device, metrics_path, progress["epoch"])
     if rank == 0 and config.test_report and dataset.split("test"):
         report_test(config, best_dir, out / "test")
@@ -320,11 +322,11 @@ def report_test(config: TrainConfig, best_dir: Path, out_dir: Path, dtype: torch
     reports = {}
     for spec in specs:
         name = dataset_name(spec)
-        if not load_dataset(spec["path"], spec.get("images") or None, spec.get("format") or None).split("test"):
+        data = load_datasets([spec])  # as training read it, a recipe's `split` included
+        if not data.split("test"):
             log(f"{name}: no test split to score")
             continue
-        report = evaluate(captioner, spec["path"], "test", images=spec.get("images") or None,
-                          format=spec.get("format") or None, method="beam",
+        report = evaluate(captioner, data, "test", method="beam",
                           out_dir=out_dir / name if len(specs) > 1 else out_dir, workers=config.workers,
                           objects=config.objects or None, beam_size=config.eval_beam_size,
                           length_penalty=config.length_penalty, max_length=config.max_length)

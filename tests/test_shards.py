@@ -113,3 +113,45 @@ def test_shard_writer_rolls_over_and_never_shows_half_a_shard(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["00010.tar", "00011.tar"]
     with pytest.raises(ValueError, match="pattern like"):
         ShardWriter(f"{tmp_path}/out.tar")
+
+
+def test_shards_read_as_a_training_dataset_with_images_left_in_place(shards, scene_paths, tmp_path):
+    from captioner.datasets import DatasetError, load_dataset, load_datasets
+    from captioner.images import ImageError, load_image
+    from captioner.shards import ShardMember
+
+    with tarfile.open(shards / "00003.tar", "w") as tar:  # several captions, and a split, per sample
+        add(tar, "a.jpg", scene_paths[2].read_bytes())
+        add(tar, "a.txt", b"green stripes\n\ngrey field\n")
+        add(tar, "b.jpg", scene_paths[3].read_bytes())
+        add(tar, "b.json", json.dumps({"captions": ["a triangle", "yellow"], "split": "dev"}).encode())
+    data = load_dataset(f"{shards}/{{00000..00003}}.tar")
+    assert data.format == "webdataset"
+    by_key = {r.image.key: r for r in data.records}
+    assert list(by_key) == ["000000000", "000000001", "000000003", "000000005", "a", "b"]
+    assert by_key["a"].captions == ["green stripes", "grey field"] and by_key["a"].split is None
+    assert by_key["b"].captions == ["a triangle", "yellow"] and by_key["b"].split == "val"
+    assert by_key["000000001"].captions == ["a blue square"]
+    assert any("00001.tar:000000004: no caption" in p for p in data.problems)
+    assert any("00000.tar:000000002: no image" in p for p in data.problems)
+    assert any("00002.tar" in p and "unreadable shard after 000000007" in p for p in data.problems)
+    # each image is where it lies in its shard, and decodes as the file it came from
+    member = by_key["000000000"].image
+    assert isinstance(member, ShardMember) and str(member) == f"{shards}/00000.tar:000000000"
+    assert load_image(member).tobytes() == load_image(scene_paths[0]).tobytes()
+    with pytest.raises(ImageError, match="00000.tar:000000003: not a readable image"):
+        load_image(by_key["000000003"].image)
+
+    # a dataset's train and dev shards listed apart, joined by their name
+    both = load_datasets([{"path": str(shards / "00000.tar"), "name": "s", "split": "train"},
+                          {"path": str(shards / "00003.tar"), "name": "s", "split": "dev"}])
+    assert both.parts() == ["s"] and [len(both.split(s)) for s in ("train", "val")] == [3, 2]
+    with pytest.raises(DatasetError, match="a second dataset named 'shards'"):
+        load_datasets([{"path": str(shards / "00000.tar")}, {"path": str(shards / "00003.tar")}])
+    with pytest.raises(DatasetError, match="00004.tar: no such shard"):
+        load_dataset(f"{shards}/{{00003..00004}}.tar")
+    with tarfile.open(tmp_path / "packed.tar.gz", "w:gz") as tar:  # offsets into gzip cannot be read in place
+        add(tar, "c.jpg", scene_paths[0].read_bytes())
+        add(tar, "c.txt", b"red")
+    with pytest.raises(DatasetError, match="must be uncompressed"):
+        load_dataset(str(tmp_path / "packed.tar.gz"), format="webdataset")

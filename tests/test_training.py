@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from captioner import Captioner
 from captioner.encoders import build_encoder
-from captioner.features import cache_key, compute_features
+from captioner.features import cache_key, cached_features, compute_features
 from captioner.metrics import score_captions
 from captioner.finetune import features_from_boundary
 from captioner.recipe import TrainConfig
@@ -80,8 +80,8 @@ def test_train_writes_checkpoints_logs_and_curves(tiny_dataset, tmp_path, capfd)
 def test_attention_decoder_trains_on_cached_maps_and_captions_through_the_pipeline(tiny_dataset, tmp_path):
     best = train(tiny_config(tiny_dataset, tmp_path, epochs=12, attention_dim=16, test_report=False,
                              finetune_blocks=2, finetune_epochs=2, finetune_lr=1e-3, finetune_decoder_lr=1e-3))
-    [cached] = (tmp_path / "cache").glob("activations-18blocks-*.safetensors")  # after all 18 of Lite0's blocks
-    assert load_file(cached)["features"].shape == (2, 8, 1280, 7, 7)
+    # after all 18 of Lite0's blocks
+    assert cache_contents(tmp_path / "cache", "activations-18blocks").shape == (2, 8, 1280, 7, 7)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert max(r["val_CIDEr"] for r in rows) > 100 and rows[-1]["phase"] == "finetune"
     captioner = Captioner.from_pretrained(best, device="cpu")
@@ -97,13 +97,13 @@ def test_attention_decoder_trains_on_cached_maps_and_captions_through_the_pipeli
 
 def test_second_run_reuses_the_feature_cache(tiny_dataset, tmp_path, capfd):
     train(tiny_config(tiny_dataset, tmp_path, epochs=1))
-    cache = list((tmp_path / "cache").iterdir())
-    assert len(cache) == 1
-    stamp = cache[0].stat().st_mtime_ns
+    cache = sorted((tmp_path / "cache").rglob("*"))
+    assert len(cache) == 2  # one folder, one chunk file
+    stamps = [p.stat().st_mtime_ns for p in cache]
     capfd.readouterr()
     train(tiny_config(tiny_dataset, tmp_path, epochs=1, output=str(tmp_path / "again"), hidden_dim=24))
     assert "encoding images" not in capfd.readouterr().err
-    assert list((tmp_path / "cache").iterdir()) == cache and cache[0].stat().st_mtime_ns == stamp
+    assert sorted((tmp_path / "cache").rglob("*")) == cache and [p.stat().st_mtime_ns for p in cache] == stamps
 
 
 def test_feature_cache_follows_image_contents_not_paths_or_times(lite0, scene_paths, tmp_path):
@@ -123,6 +123,50 @@ def test_feature_cache_follows_image_contents_not_paths_or_times(lite0, scene_pa
     edited[len(edited) // 2] ^= 1
     copies[0].write_bytes(bytes(edited))
     assert key(copies) != key(scene_paths)
+
+
+def cache_contents(cache_dir: Path, kind: str) -> torch.Tensor:
+    """The one feature cache of `kind` ("features", "activations-16blocks") under `cache_dir`, its
+    chunk files joined in image order."""
+    [folder] = cache_dir.glob(f"{kind}-*")
+    chunks = sorted(folder.glob("images-*.safetensors"))
+    assert not list(folder.glob("*.tmp*"))
+    return torch.cat([load_file(str(chunk))["features"] for chunk in chunks], dim=1)
+
+
+def test_feature_cache_maps_chunk_files_and_encodes_only_what_is_missing(lite0, scene_paths, tmp_path, capfd):
+    paths = scene_paths * 2  # 8 images, 3 to a chunk
+    whole, _ = compute_features(lite0, paths, flip=True, workers=0, precision="fp32")
+    chunk_mb = 3 * (2 * 1280 * 2) / 2**20
+    store, errors, folder = cached_features(lite0, paths, tmp_path, flip=True, workers=0, precision="fp32",
+                                            chunk_mb=chunk_mb)
+    files = sorted(folder.glob("images-*.safetensors"))
+    assert [f.name for f in files] == [f"images-{a:09d}-{b:09d}.safetensors" for a, b in ((0, 3), (3, 6), (6, 8))]
+    assert not errors and store.shape == (2, 8, 1280)
+    # every chunk is mapped from its file, not read into memory
+    maps = Path("/proc/self/maps").read_text()
+    assert all(str(f) in maps for f in files)
+    close = dict(rtol=1e-3, atol=1e-3)
+    assert torch.allclose(store.tensor(1).float(), whole[1].float(), **close)
+    # rows across chunk boundaries, each with its own view, as a training batch picks them
+    views, images = torch.tensor([0, 1, 1, 0]), torch.tensor([7, 2, 3, 0])
+    assert torch.allclose(store[views, images].float(), whole[views, images].float(), **close)
+    split = store.subset([6, 2, 5])  # a split: its own numbering, nothing read
+    assert split.shape == (2, 3, 1280)
+    assert torch.equal(split[0, torch.tensor([2, 0])], store[0, torch.tensor([5, 6])])
+    assert torch.equal(split.subset([1]).tensor(1), store[1, torch.tensor([2])])
+
+    # a lost chunk and a torn one are encoded again; the finished ones are kept as they are
+    before = store.tensor(0).clone()
+    kept = files[0].stat().st_mtime_ns
+    files[1].unlink()
+    files[2].write_bytes(files[2].read_bytes()[:100])
+    capfd.readouterr()
+    again, _, _ = cached_features(lite0, paths, tmp_path, flip=True, workers=0, precision="fp32", chunk_mb=chunk_mb)
+    out = capfd.readouterr()
+    assert f"{files[2]} unreadable" in out.out and "5/5" in out.err  # 3 + 2 images, not 8
+    assert files[0].stat().st_mtime_ns == kept
+    assert torch.equal(again.tensor(0), before)
 
 
 def decoder_tensors(directory: Path) -> dict:
@@ -194,7 +238,8 @@ def epoch_losses(run: Path) -> list[float]:
 def test_two_nodes_meet_at_one_rendezvous_and_train_like_one_process(tiny_dataset, tmp_path):
     single = tiny_config(tiny_dataset, tmp_path / "single", epochs=3, batch_size=2)
     train(single)
-    config = tiny_config(tiny_dataset, tmp_path, epochs=3, batch_size=2)
+    # 2 images to a chunk: 4 chunks, 2 for each node
+    config = tiny_config(tiny_dataset, tmp_path, epochs=3, batch_size=2, cache_chunk_mb=0.01)
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
@@ -208,17 +253,49 @@ def test_two_nodes_meet_at_one_rendezvous_and_train_like_one_process(tiny_datase
     out = "".join(o for o, _ in outputs)
     err = "".join(e for _, e in outputs)
     assert out.count("weights identical on all 2 ranks") == 1  # checked across ranks, logged once
-    # each node encoded half of the 8 images into the shared cache, which holds all 8 once merged
-    assert "rank 0: 1 in 2" in err and "rank 1: 1 in 2" in err
-    cache = list((tmp_path / "cache").glob("features-*.safetensors"))
-    assert len(cache) == 1 and not list((tmp_path / "cache").glob("*.part*"))
-    assert load_file(str(cache[0]))["features"].shape[1] == 8
+    # each node encoded its half of the chunks into the shared cache, which holds all 8 images
+    assert "rank 0 of 2: 2 chunks" in err and "rank 1 of 2: 2 chunks" in err
+    assert cache_contents(tmp_path / "cache", "features").shape == (2, 8, 1280)
     captioner = Captioner.from_pretrained(tmp_path / "run" / "best", device="cpu")
     assert isinstance(captioner.caption(tiny_dataset.parent / "red_circle.jpg"), str)
     # the same data and steps as one process: the loss falls alike
     two, one = epoch_losses(tmp_path / "run"), epoch_losses(tmp_path / "single" / "run")
     assert len(two) == len(one) == 3 and two[-1] < two[0]
     assert abs(two[-1] - one[-1]) <= 0.5 * one[-1]
+
+
+def test_training_from_shards_is_training_from_the_same_images_as_files(tiny_dataset, tmp_path):
+    """WebDataset shards holding the tiny dataset's images, captions and splits (KEY.json), in its
+    order: the run reads the images in place from the shards and ends with the weights the files give."""
+    import csv
+    import io
+    import tarfile
+
+    rows = list(csv.DictReader(tiny_dataset.open()))
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for number, part in enumerate((rows[:4], rows[4:])):
+        with tarfile.open(shards / f"{number:05d}.tar", "w") as tar:
+            for row in part:
+                key = Path(row["image"]).stem
+                meta = json.dumps({"caption": row["caption"], "split": row["split"]}).encode()
+                for name, data in ((f"{key}.jpg", (tiny_dataset.parent / row["image"]).read_bytes()),
+                                   (f"{key}.json", meta)):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    from_files = train(tiny_config(tiny_dataset, tmp_path / "files", epochs=2))
+    result = subprocess.run([sys.executable, "-m", "captioner", "train", *cli_flags(tiny_config(
+        f"{shards}/{{00000..00001}}.tar", tmp_path / "shards", epochs=2))], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "webdataset" in result.stdout and "encoding images" in result.stderr
+    assert not list(shards.glob("*.jpg"))  # nothing unpacked
+    from_shards = tmp_path / "shards" / "run" / "best"
+    files_weights, shard_weights = decoder_tensors(from_files), decoder_tensors(from_shards)
+    assert files_weights.keys() == shard_weights.keys()
+    assert all(torch.equal(files_weights[k], shard_weights[k]) for k in files_weights)
+    captioner = Captioner.from_pretrained(from_shards, device="cpu")
+    assert captioner.config["training"]["train_images"] == 4
 
 
 def test_recipe_file_and_overrides(tmp_path):
@@ -244,8 +321,7 @@ def test_fine_tuning_phase_trains_the_last_blocks_from_cached_boundary_activatio
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r.get("phase", "decoder") for r in rows] == ["decoder", "decoder", "finetune"]
     # Lite0 has 18 blocks: the cache holds the output of the first 16, both views of all 8 images
-    [cached] = (tmp_path / "cache").glob("activations-16blocks-*.safetensors")
-    assert load_file(cached)["features"].shape == (2, 8, 192, 7, 7)
+    assert cache_contents(tmp_path / "cache", "activations-16blocks").shape == (2, 8, 192, 7, 7)
 
 
 def test_cached_boundary_activations_give_what_the_images_give_after_the_blocks_change(tmp_path):
