@@ -97,18 +97,20 @@ def test_stdout_mode_prints_nothing_but_results(photo_folder, tiny_checkpoint):
 
 
 def test_seed_reproduces_samples_across_batch_sizes(photo_folder, tiny_checkpoint, tmp_path):
+    # hot enough that the overfit tiny model's samples vary (at 1.5 they nearly never do, and the
+    # seed's effect, checked last, depended on the seeds the temporary paths gave)
     outputs = []
     for batch_size in (1, 8):
         out = tmp_path / f"b{batch_size}.jsonl"
         result = run(photo_folder, "-r", "--out", out, "--checkpoint", tiny_checkpoint, "--method", "sample",
-                     "--temperature", "1.5", "--num-samples", "2", "--seed", "7", "--batch-size", batch_size,
+                     "--temperature", "3", "--num-samples", "2", "--seed", "7", "--batch-size", batch_size,
                      "--quiet")
         assert result.returncode == 2
         outputs.append({r["image"]: r["captions"] for r in read_jsonl(out)})
     assert outputs[0] == outputs[1]
     other = tmp_path / "other.jsonl"
     run(photo_folder, "-r", "--out", other, "--checkpoint", tiny_checkpoint, "--method", "sample",
-        "--temperature", "1.5", "--num-samples", "2", "--seed", "8", "--quiet")
+        "--temperature", "3", "--num-samples", "2", "--seed", "8", "--quiet")
     assert {r["image"]: r["captions"] for r in read_jsonl(other)} != outputs[0]
 
 
