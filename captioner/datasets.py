@@ -15,8 +15,10 @@ training and every metric go through.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -266,21 +268,54 @@ def read_table(path: Path, image_root: Path) -> CaptionDataset:
     return CaptionDataset(path, fmt, builder.records(), problems)
 
 
-def read_shards(spec: str) -> CaptionDataset:
+def read_shards(spec: str, index_dir: str | Path | None = None) -> CaptionDataset:
     """WebDataset shards ("shards/{00000..00099}.tar", as img2dataset writes them), indexed in one
     pass: each image stays in its shard, read in place when encoded. A sample's captions are KEY.txt's
     lines, else KEY.json's "captions" or "caption"; its split is KEY.json's "split" (a recipe can set
-    one split for all of a dataset's samples instead)."""
+    one split for all of a dataset's samples instead).
+
+    With `index_dir`, each shard's index (byte ranges and digests of its images, captions, splits,
+    problems) is kept there as JSON, keyed by the shard's path, size and modification time: later
+    runs read that instead of the shard."""
     problems: list[str] = []
     records = []
-    for item in read_samples(expand(spec), need_caption=True, images_in_place=True):
-        if isinstance(item, ShardProblem):
-            problems.append(str(item))
-            continue
-        split = item.metadata.get("split")
-        split = _split_name(split, item.name, problems) if isinstance(split, str) else None
-        records.append(ImageCaptions(item.image, item.captions, split))
+    for shard in expand(spec):
+        for entry in _shard_index(shard, index_dir):
+            if "problem" in entry:
+                problems.append(entry["problem"])
+                continue
+            where = f"{shard}:{entry['key']}"
+            split = entry["split"]
+            split = _split_name(split, where, problems) if isinstance(split, str) else None
+            records.append(ImageCaptions(ShardMember(shard, entry["key"], *entry["image"]), entry["captions"], split))
     return CaptionDataset(Path(spec), "webdataset", records, problems)
+
+
+def _shard_index(shard: str, index_dir: str | Path | None) -> list[dict]:
+    """One shard's samples as JSON-ready entries ({"problem": ...} for what cannot be used)."""
+    stored = None
+    if index_dir is not None and Path(shard).is_file():
+        stat = Path(shard).stat()
+        name = f"{Path(shard).resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+        stored = Path(index_dir) / f"{hashlib.sha256(name.encode()).hexdigest()[:24]}.json"
+        try:
+            return json.loads(stored.read_text(encoding="utf-8"))["entries"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # not indexed yet, or a torn file: index the shard
+    entries = []
+    for item in read_samples([shard], need_caption=True, images_in_place=True):
+        if isinstance(item, ShardProblem):
+            entries.append({"problem": str(item)})
+            continue
+        image = item.image
+        entries.append({"key": item.key, "image": [image.offset, image.size, image.digest],
+                        "captions": item.captions, "split": item.metadata.get("split")})
+    if stored is not None:
+        stored.parent.mkdir(parents=True, exist_ok=True)
+        tmp = stored.with_name(f"{stored.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"shard": shard, "entries": entries}), encoding="utf-8")
+        os.replace(tmp, stored)
+    return entries
 
 
 def _load_json(path: Path, problems: list[str]):
@@ -310,16 +345,17 @@ def detect_format(path: Path) -> str:
 
 
 def load_dataset(path: str | Path, images: str | Path | None = None, format: str | None = None,
-                 strict: bool = False) -> CaptionDataset:
-    """Reads a dataset from a directory (Flickr layout) or an annotation file.
+                 strict: bool = False, shard_index: str | Path | None = None) -> CaptionDataset:
+    """Reads a dataset from a directory (Flickr layout), an annotation file or WebDataset shards.
 
     `images` is the image folder; by default `images/` (or the Flickr names) beside the annotations.
+    `shard_index`: where shards' indexes are kept between runs (`read_shards`).
     """
     if format == "webdataset" or (format is None and is_shard_spec(str(path))):
         missing = [shard for shard in expand(str(path)) if not Path(shard).is_file()]
         if missing:
             raise DatasetError(f"{missing[0]}: no such shard" + (f" (and {len(missing) - 1} more)" if missing[1:] else ""))
-        return _checked(read_shards(str(path)), path, strict)
+        return _checked(read_shards(str(path), shard_index), path, strict)
     path = Path(path)
     if not path.exists():
         raise DatasetError(f"{path}: no such file or directory")
@@ -361,7 +397,7 @@ def dataset_name(spec: dict) -> str:
     return spec.get("name") or (path.name if path.is_dir() else path.parent.name)
 
 
-def load_datasets(specs: list[dict], strict: bool = False) -> CaptionDataset:
+def load_datasets(specs: list[dict], strict: bool = False, shard_index: str | Path | None = None) -> CaptionDataset:
     """Several datasets read as one: each spec is {path, images?, format?, name?, split?}; records keep
     the name of the dataset they came from (default: the path's folder name) and splits merge by
     name. `split` puts all of an entry's images in that split; entries that give the same `name`
@@ -384,7 +420,7 @@ def load_datasets(specs: list[dict], strict: bool = False) -> CaptionDataset:
         split = spec.get("split")
         if split and split not in SPLIT_ALIASES:
             raise DatasetError(f"datasets[{n}]: unknown split {split!r} (expected train, val/dev or test)")
-        part = load_dataset(spec["path"], spec.get("images"), spec.get("format"), strict=strict)
+        part = load_dataset(spec["path"], spec.get("images"), spec.get("format"), strict, shard_index)
         sources.setdefault(name, (part.source, part.format))
         for record in part.records:
             record.dataset = name

@@ -25,7 +25,7 @@ from .checkpoint import atomic_file
 from .encoders import Encoder
 from .loading import image_batches
 from .runtime import autocast, autocast_dtype
-from .shards import ShardMember
+from .shards import ShardMember, content_digest
 
 
 def cache_key(encoder: Encoder, paths: list[Path | ShardMember], flip: bool, device: torch.device, precision: str,
@@ -49,21 +49,21 @@ def cache_key(encoder: Encoder, paths: list[Path | ShardMember], flip: bool, dev
 
 
 def _content_id(image: Path | ShardMember) -> str:
-    image = image if isinstance(image, ShardMember) else Path(image)
-    file = Path(image.shard) if isinstance(image, ShardMember) else image
+    if isinstance(image, ShardMember):
+        return image.digest  # taken when the shard was indexed
     try:
-        stat = file.stat()
-        return _digest(image, stat.st_size, stat.st_mtime_ns)
-    except OSError as err:  # encoding reports the image as unreadable; the key just has to be stable
-        return f"unreadable: {err.strerror or err}"
+        stat = Path(image).stat()
+        return _digest(str(image), stat.st_size, stat.st_mtime_ns)
+    except OSError as err:  # encoding reports the file as unreadable; the key just has to be stable
+        return f"unreadable: {err.strerror}"
 
 
 @functools.lru_cache(maxsize=None)
-def _digest(image: Path | ShardMember, size: int, mtime_ns: int) -> str:
+def _digest(path: str, size: int, mtime_ns: int) -> str:
     # Memoised within a process: fine-tuning keys its activations over the same images right after
-    # the features, and need not read them all again (a minute for COCO). The file's (or shard's)
-    # size and mtime are part of the memo's key only, so a file rewritten meanwhile is read afresh.
-    return hashlib.blake2b(image.read_bytes(), digest_size=16).hexdigest()
+    # the features, and need not read them all again (a minute for COCO). Size and mtime are part
+    # of the memo's key only, so a file rewritten meanwhile is read afresh.
+    return content_digest(Path(path).read_bytes())
 
 
 class FeatureStore:

@@ -8,6 +8,7 @@ lie), read in place whenever it is encoded.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
@@ -44,12 +45,15 @@ def is_shard_spec(path: str) -> bool:
 
 @dataclass(frozen=True)
 class ShardMember:
-    """An image inside an uncompressed shard, read in place: the shard and the member's byte range."""
+    """An image inside an uncompressed shard, read in place: the shard and the member's byte range,
+    and a digest of its bytes (taken while indexing, so that caches key it by content without
+    reading it again)."""
 
     shard: str
     key: str
     offset: int
     size: int
+    digest: str
 
     def __str__(self) -> str:
         return f"{self.shard}:{self.key}"
@@ -127,6 +131,11 @@ class ShardProblem:
         return f"{self.name}: {self.message}"
 
 
+def content_digest(data: bytes) -> str:
+    """How caches identify an image: by its bytes, wherever they lie."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
 def _split(member_name: str) -> tuple[str, str]:
     """"dir/KEY.ext" -> ("dir/KEY", "ext"): the key ends at the first dot of the file name."""
     folder, _, base = member_name.rpartition("/")
@@ -156,10 +165,10 @@ def read_samples(shards: list[str], need_caption: bool = False,
                         current = None
                     if current is None:
                         current = Sample(shard, key)
+                    data = tar.extractfile(member).read()
                     if images_in_place and ext in IMAGE_EXTENSIONS:
-                        current.files[ext] = ShardMember(shard, key, member.offset_data, member.size)
-                    else:
-                        current.files[ext] = tar.extractfile(member).read()
+                        data = ShardMember(shard, key, member.offset_data, member.size, content_digest(data))
+                    current.files[ext] = data
         except (OSError, tarfile.TarError, EOFError) as err:
             # the sample being read when the shard broke is incomplete: reported, not captioned
             where = f" after {current.key}" if current is not None else ""

@@ -69,6 +69,11 @@ def mix_predictions(decoder, features, captions, lengths, probability: float, ge
     return mixed
 
 
+def shard_index(config: TrainConfig) -> Path:
+    """Where shard datasets' indexes are kept between runs: beside the feature cache."""
+    return Path(config.cache_dir).expanduser() / "shard-index"
+
+
 # -- state that --resume restores -------------------------------------------------------------
 
 def _state_writer(optimizer: torch.optim.Optimizer, progress: dict, ema: AveragedModel | None):
@@ -123,7 +128,7 @@ def prepare(config: TrainConfig, device: torch.device):
     """Dataset, vocabulary, encoder and cached features for the train and val splits. Also returns the
     cache's arguments and `split` (cached tensor -> its train and val parts), so that fine-tuning
     caches and splits its activations the same way."""
-    dataset = load_datasets(config.dataset_specs(), strict=config.strict)
+    dataset = load_datasets(config.dataset_specs(), config.strict, shard_index(config))
     log(dataset.summary())
     train_records, val_records = dataset.split("train"), dataset.split("val")
     if not train_records:
@@ -322,7 +327,7 @@ def report_test(config: TrainConfig, best_dir: Path, out_dir: Path, dtype: torch
     reports = {}
     for spec in specs:
         name = dataset_name(spec)
-        data = load_datasets([spec])  # as training read it, a recipe's `split` included
+        data = load_datasets([spec], shard_index=shard_index(config))  # as training read it, `split` included
         if not data.split("test"):
             log(f"{name}: no test split to score")
             continue

@@ -155,3 +155,34 @@ def test_shards_read_as_a_training_dataset_with_images_left_in_place(shards, sce
         add(tar, "c.txt", b"red")
     with pytest.raises(DatasetError, match="must be uncompressed"):
         load_dataset(str(tmp_path / "packed.tar.gz"), format="webdataset")
+
+
+def test_a_shard_is_indexed_once_and_keyed_by_content(shards, scene_paths, tmp_path):
+    import os
+
+    from captioner.datasets import load_dataset
+    from captioner.shards import content_digest
+
+    spec, index = f"{shards}/{{00000..00002}}.tar", tmp_path / "index"
+    first = load_dataset(spec, shard_index=index)
+    assert len(list(index.glob("*.json"))) == 3  # the truncated shard's problems too
+    # the digest taken while indexing is the one a file of the same bytes gets
+    assert first.records[0].image.digest == content_digest(scene_paths[0].read_bytes())
+
+    def seen(data):
+        return [(r.image, r.captions, r.split) for r in data.records], data.problems
+
+    # a later run reads the index, not the shard: overwritten in place, same size and time, it is not read
+    shard = shards / "00001.tar"
+    stat = shard.stat()
+    shard.write_bytes(b"\0" * stat.st_size)
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert seen(load_dataset(spec, shard_index=index)) == seen(first)
+    # a shard that changes is indexed again: zeros are an empty tar, its sample and problem are gone
+    assert any(r.image.shard.endswith("00001.tar") for r in first.records)
+    assert any("00001.tar" in p for p in first.problems)
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    changed = load_dataset(spec, shard_index=index)
+    assert [r for r in changed.records if r.image.shard.endswith("00001.tar")] == []
+    assert [p for p in changed.problems if "00001.tar" in p] == []
+    assert len(changed.records) == len(first.records) - 1

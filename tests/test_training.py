@@ -290,6 +290,7 @@ def test_training_from_shards_is_training_from_the_same_images_as_files(tiny_dat
     assert result.returncode == 0, result.stderr[-3000:]
     assert "webdataset" in result.stdout and "encoding images" in result.stderr
     assert not list(shards.glob("*.jpg"))  # nothing unpacked
+    assert len(list((tmp_path / "shards" / "cache" / "shard-index").glob("*.json"))) == 2  # one per shard
     from_shards = tmp_path / "shards" / "run" / "best"
     files_weights, shard_weights = decoder_tensors(from_files), decoder_tensors(from_shards)
     assert files_weights.keys() == shard_weights.keys()
