@@ -5,8 +5,11 @@
 (1) the single-process CLI path on JPEG files; (2) the same JPEGs packed into WebDataset shards
 (written here with tarfile, as img2dataset lays them out) and streamed; (3) Ray Data with a local
 Ray (started before the clock, as a running cluster is) and 2 CPU actors of 1 thread each on the
-files, the actors' start-up (loading the model, compiling the encoder) included. Prints images/s, the ratios
-(targets: (2)/(1) >= 0.9, (3)/(1) >= 0.8) and, on paper, what N machines would take for COCO and CC3M.
+files, the actors' start-up (loading the model, compiling the encoder) included; (4) training's
+encoding pass (the feature cache's fill, eager PyTorch as training runs it) over the same images as
+files and as shards indexed and read in place. Prints images/s, the ratios (targets: (2)/(1) >= 0.9,
+(3)/(1) >= 0.8, shards against files in (4) >= 0.9) and, on paper, what N machines would take for
+COCO and CC3M.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_caption import image_list  # noqa: E402
 from captioner import Captioner  # noqa: E402
 from captioner.batch import ResultWriter, caption_files, caption_shards  # noqa: E402
+from captioner.datasets import load_dataset  # noqa: E402
+from captioner.encoders import build_encoder  # noqa: E402
+from captioner.features import compute_features  # noqa: E402
 from captioner.runtime import keep_freed_memory  # noqa: E402
 
 
@@ -78,10 +84,22 @@ def main() -> None:
         ray.init(include_dashboard=False, log_to_driver=False)
         on_ray = timed(lambda w: caption_with_ray(paths, False, str(tmp / "ray.jsonl"), w, actors=2,
                                                   checkpoint=args.checkpoint), "ray.jsonl")
+        ray.shutdown()
+        encoder = build_encoder("efficientnet_lite0")
+        members = [r.image for r in load_dataset(f"{tmp}/{{00000..{len(shards) - 1:05d}}}.tar").records]
+        assert len(members) == len(paths)
+        compute_features(encoder, paths[:64], workers=0, desc="warming up")  # the first pass pays for setup
+        encoding = {}
+        for name, sources in (("files", paths), ("shards", members)):
+            start = time.perf_counter()
+            compute_features(encoder, sources, workers=0, desc=f"encoding {name}")
+            encoding[name] = len(paths) / (time.perf_counter() - start)
     print(f"{len(paths)} images from {args.dataset}, {len(shards)} shards of {args.shard_size}; {os.cpu_count()} cores")
     print(f"(1) files, one process        {files:6.1f} images/s")
     print(f"(2) WebDataset shards         {streamed:6.1f} images/s   (2)/(1) {streamed / files:.2f}  [>= 0.9]")
     print(f"(3) Ray Data, 2 actors        {on_ray:6.1f} images/s   (3)/(1) {on_ray / files:.2f}  [>= 0.8]")
+    print(f"(4) training's encoding pass  files {encoding['files']:.1f}, shards in place {encoding['shards']:.1f} "
+          f"images/s   shards/files {encoding['shards'] / encoding['files']:.2f}  [>= 0.9]")
     per_core = files / (os.cpu_count() or 1)
     print(f"on paper, at this machine's {per_core:.1f} images/s a core, Ray's start-up aside:")
     for name, count in (("COCO (123k)", 123_000), ("CC3M (3.3M)", 3_300_000)):
