@@ -314,8 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     p.add_argument("--fp16", action="store_true", help="store weights as float16 (half the size)")
     p.add_argument("--onnx", action="store_true",
-                   help="also write encoder.onnx, decoder_start.onnx and decoder_step.onnx (dynamic batch) "
-                        "for ONNX Runtime, OpenVINO or captioner.onnx_captioner")
+                   help="also write encoder.onnx, decoder_start.onnx and decoder_step.onnx (dynamic batch; "
+                        "weights both decoder graphs use in decoder_shared.weights) for ONNX Runtime, OpenVINO "
+                        "or captioner.onnx_captioner")
     p.add_argument("--members", type=int, default=0, help="keep only the first N decoders of an ensemble")
     p.add_argument("--score", default=None, metavar="DIR",
                    help="score the exported model on its recipe's test split, record it in its config, "

@@ -15,6 +15,9 @@ from .images import ImageInput, ImageTransform
 from .vocab import END, NEVER_GENERATED, START, Vocabulary
 
 FILES = {"encoder": "encoder.onnx", "start": "decoder_start.onnx", "step": "decoder_step.onnx"}
+# the weights decoder_start.onnx and decoder_step.onnx both hold (the LSTM's, where the start runs it
+# over the image evidence), stored once as ONNX external data that both graphs point into
+SHARED_WEIGHTS = "decoder_shared.weights"
 
 
 class OnnxCaptioner:

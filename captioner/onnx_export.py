@@ -17,7 +17,7 @@ from torch import nn
 from .checkpoint import atomic_file
 from .decoder import CaptionDecoder
 from .encoders import Encoder
-from .onnx_captioner import FILES
+from .onnx_captioner import FILES, SHARED_WEIGHTS
 
 OPSET = 17
 ENGINE_CACHE = Path("~/.cache/captioner/onnx")
@@ -75,7 +75,8 @@ def export_encoder(encoder: Encoder, path: str | Path, spatial: bool = False) ->
 
 
 def export_decoder(decoder: CaptionDecoder, directory: str | Path) -> list[Path]:
-    """decoder_start.onnx and decoder_step.onnx; a single decoder on pooled features only."""
+    """decoder_start.onnx and decoder_step.onnx, and the weights both use in one file beside them;
+    a single decoder on pooled features only."""
     if not isinstance(decoder, CaptionDecoder) or decoder.config.takes_map:
         raise ValueError("ONNX export of the decoder needs a single decoder on pooled features "
                          "(keep one ensemble member with --members 1; attention decoders are not exported)")
@@ -95,7 +96,45 @@ def export_decoder(decoder: CaptionDecoder, directory: str | Path) -> list[Path]
                            {"logits": batch, "h": state_axes, "c": state_axes})
     finally:
         decoder.fold_step = folded
-    return [start, step]
+    shared = share_initializers([start, step], directory / SHARED_WEIGHTS)
+    return [start, step] + ([shared] if shared else [])
+
+
+def share_initializers(paths: list[Path], data: Path, alignment: int = 4096) -> Path | None:
+    """Moves the initializers that several graphs hold byte for byte (the start and the step both
+    run the LSTM: 21 MB of the built-in model's) into one external data file that each graph points
+    into, so that a deployment stores and downloads them once. ONNX Runtime resolves the file beside
+    the graph that names it. -> the file, or None (and no file) when the graphs share nothing."""
+    import onnx
+    from onnx.external_data_helper import set_external_data
+
+    models = [onnx.load(str(p)) for p in paths]
+    def key(tensor) -> tuple:
+        return tensor.data_type, tuple(tensor.dims), hashlib.blake2b(tensor.raw_data, digest_size=16).digest()
+    counts: dict[tuple, int] = {}
+    for model in models:
+        for tensor in model.graph.initializer:
+            if tensor.raw_data:
+                counts[key(tensor)] = counts.get(key(tensor), 0) + 1
+    if not any(n > 1 for n in counts.values()):
+        return None
+    placed: dict[tuple, tuple[int, int]] = {}
+    with data.open("wb") as f:
+        for model in models:
+            for tensor in model.graph.initializer:
+                if not tensor.raw_data or counts[key(tensor)] < 2:
+                    continue
+                if key(tensor) not in placed:
+                    f.write(b"\0" * (-f.tell() % alignment))
+                    placed[key(tensor)] = (f.tell(), len(tensor.raw_data))
+                    f.write(tensor.raw_data)
+                offset, length = placed[key(tensor)]
+                set_external_data(tensor, data.name, offset, length)
+                tensor.ClearField("raw_data")
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+    for model, path in zip(models, paths):
+        onnx.save(model, str(path))
+    return data
 
 
 def weights_digest(module: nn.Module) -> str:

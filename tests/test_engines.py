@@ -19,7 +19,7 @@ from captioner.efficientnet_lite import SamePad
 from captioner.engines import BACKENDS, installed, resolve_backend
 from captioner.folding import SameConv2d, fold_module, fold_trunk
 from captioner.model import BUILTIN
-from captioner.onnx_captioner import FILES, OnnxCaptioner
+from captioner.onnx_captioner import FILES, SHARED_WEIGHTS, OnnxCaptioner
 from captioner.vocab import END, START
 
 from conftest import FLICKR8K, needs_flickr8k
@@ -130,10 +130,19 @@ def test_each_backend_gives_the_features_and_captions_of_the_unfolded_encoder(ti
             fast.encode(torch.zeros(1, 3, 96, 96))
 
 
-def check_onnx_export(checkpoint, out, images):
+def check_onnx_export(checkpoint, out, images, shares_weights: bool):
     """`captioner export --onnx`, then ONNX Runtime alone against PyTorch on the same photos."""
     assert cli(["export", str(checkpoint), str(out), "--onnx"]) == 0
     assert all((out / name).is_file() for name in FILES.values())
+    if shares_weights:  # the LSTM weights both decoder graphs run are stored once, beside them
+        import onnx
+
+        graphs = [out / FILES["start"], out / FILES["step"]]
+        inline = sum(len(onnx.load(str(g)).SerializeToString()) for g in graphs)
+        shared = (out / SHARED_WEIGHTS).stat().st_size
+        assert shared > 0 and sum(g.stat().st_size for g in graphs) + shared < inline - 0.9 * shared
+    else:
+        assert not (out / SHARED_WEIGHTS).exists()
     exact = Captioner.from_pretrained(out, device="cpu", backend="torch", fold=False, precision="fp32")
     deployed = OnnxCaptioner(out)
     pixels = torch.stack([exact.transform.load(p) for p in images])
@@ -152,7 +161,8 @@ def check_onnx_export(checkpoint, out, images):
 
 @pytest.mark.skipif(not installed("onnxruntime"), reason="onnxruntime is an optional extra, not installed")
 def test_onnx_export_round_trips_on_generated_scenes(tiny_checkpoint, scene_paths, tmp_path):
-    check_onnx_export(tiny_checkpoint, tmp_path / "onnx", scene_paths)
+    # no image evidence: the start runs no LSTM step, so the graphs share no weights
+    check_onnx_export(tiny_checkpoint, tmp_path / "onnx", scene_paths, shares_weights=False)
 
 
 @needs_flickr8k
@@ -160,7 +170,7 @@ def test_onnx_export_round_trips_on_generated_scenes(tiny_checkpoint, scene_path
 @pytest.mark.skipif(not installed("onnxruntime"), reason="onnxruntime is an optional extra, not installed")
 def test_onnx_export_of_the_builtin_model_captions_real_photos_alike(tmp_path):
     names = (FLICKR8K / "test.txt").read_text().split()[:12]
-    check_onnx_export(BUILTIN, tmp_path / "onnx", [FLICKR8K / "images" / n for n in names])
+    check_onnx_export(BUILTIN, tmp_path / "onnx", [FLICKR8K / "images" / n for n in names], shares_weights=True)
     assert json.loads((tmp_path / "onnx" / "config.json").read_text())["encoder"]["name"] == "efficientnet_lite0"
 
 
