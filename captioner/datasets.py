@@ -354,7 +354,8 @@ def load_dataset(path: str | Path, images: str | Path | None = None, format: str
     if format == "webdataset" or (format is None and is_shard_spec(str(path))):
         missing = [shard for shard in expand(str(path)) if not Path(shard).is_file()]
         if missing:
-            raise DatasetError(f"{missing[0]}: no such shard" + (f" (and {len(missing) - 1} more)" if missing[1:] else ""))
+            more = f" (and {len(missing) - 1} more)" if missing[1:] else ""
+            raise DatasetError(f"{missing[0]}: no such shard{more}")
         return _checked(read_shards(str(path), shard_index), path, strict)
     path = Path(path)
     if not path.exists():

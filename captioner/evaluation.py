@@ -12,10 +12,10 @@ from .metrics import caption_stats, score_captions
 from .model import Captioner
 
 
-def evaluate(captioner: Captioner, dataset: str | Path | CaptionDataset, split: str = "test", *, images: str | None = None,
-             format: str | None = None, method: str = "beam", out_dir: str | Path | None = None,
-             batch_size: int = 50, workers: int | None = None, limit: int = 0, objects: str | Path | None = None,
-             **options) -> dict:
+def evaluate(captioner: Captioner, dataset: str | Path | CaptionDataset, split: str = "test", *,
+             images: str | None = None, format: str | None = None, method: str = "beam",
+             out_dir: str | Path | None = None, batch_size: int = 50, workers: int | None = None, limit: int = 0,
+             objects: str | Path | None = None, **options) -> dict:
     """-> scores (BLEU-1..4, METEOR, ROUGE-L, CIDEr) and caption stats, and with `objects` (the
     CHAIR table) object hallucination and recall; with `out_dir`, writes predictions.jsonl and
     scores.json there. `dataset`: a path as `load_dataset` reads it, or a dataset already read."""
@@ -40,7 +40,8 @@ def evaluate(captioner: Captioner, dataset: str | Path | CaptionDataset, split: 
     references = {str(r.image): r.captions for r in records}
     scores = score_captions(predictions, references)
     stats = caption_stats(list(predictions.values()), ended)
-    report = {"dataset": str(data.source if isinstance(dataset, CaptionDataset) else dataset), "split": split, "method": method, "options": options, "scores": scores,
+    name = data.source if isinstance(dataset, CaptionDataset) else dataset
+    report = {"dataset": str(name), "split": split, "method": method, "options": options, "scores": scores,
               "stats": stats, "failed_images": len(records) - len(predictions)}
     if table is not None:
         report["hallucination"] = hallucination(predictions, references, table)

@@ -119,43 +119,52 @@ def test_real_browser_upload_caption_and_select_a_word(scene_paths):
     photo = Path(gradio.__file__).parent / "media_assets" / "images" / "cheetah1.jpg"
     proc, url = start_app()  # the built-in model, as `make run` serves it
     ARTIFACTS.mkdir(exist_ok=True)
+    captions = {}
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=[
                 "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                 "--disable-component-update", "--disable-sync", "--no-first-run"])
             page = browser.new_page(viewport={"width": 1280, "height": 1100})
-            page.goto(url)
-            page.locator("#image-input input[type=file]").set_input_files(str(photo))
-            output = page.locator("#caption-output textarea")
-            captions = {}
-            for method in ("Argmax (greedy)", "Sample", "Beam search"):
-                page.get_by_label(method, exact=True).check()
-                if method == "Sample":
-                    page.get_by_text("Temperature").first.wait_for()
-                if method == "Beam search":
-                    page.get_by_text("Beam size").first.wait_for()
-                before = output.input_value()
-                page.locator("#caption-button").click()
+            try:
+                page.goto(url)
+                page.locator("#image-input input[type=file]").set_input_files(str(photo))
+                output = page.locator("#caption-output textarea")
+                for method in ("Argmax (greedy)", "Sample", "Beam search"):
+                    page.get_by_label(method, exact=True).check()
+                    if method == "Sample":
+                        page.get_by_text("Temperature").first.wait_for()
+                    if method == "Beam search":
+                        page.get_by_text("Beam size").first.wait_for()
+                    before = output.input_value()
+                    page.locator("#caption-button").click()
+                    page.wait_for_function(
+                        "([sel, old]) => { const t = document.querySelector(sel); "
+                        "return t && t.value && t.value !== old; }",
+                        arg=["#caption-output textarea", before if method != "Argmax (greedy)" else ""], timeout=60000)
+                    captions[method] = output.input_value()
+                words = page.locator("#explained-words .token")
+                # the explanation follows the caption: wait for this caption's words, not an earlier one's
                 page.wait_for_function(
-                    "([sel, old]) => { const t = document.querySelector(sel); return t && t.value && t.value !== old; }",
-                    arg=["#caption-output textarea", before if method != "Argmax (greedy)" else ""], timeout=60000)
-                captions[method] = output.input_value()
-            words = page.locator("#explained-words .token")
-            # the explanation follows the caption: wait for this caption's words, not an earlier one's
-            page.wait_for_function(
-                "(want) => [...document.querySelectorAll('#explained-words .token')].map(t => t.innerText)"
-                ".join('').replace(/\\s/g, '') === want",
-                arg=captions["Beam search"].lower().replace(" ", "").rstrip("."), timeout=60000)
-            shown = page.locator("#word-overlay img")
-            shown.wait_for(timeout=60000)
-            page.wait_for_function("() => document.querySelector('#word-details')?.innerText.includes('probability')")
-            first_src, first_details = shown.get_attribute("src"), page.locator("#word-details").inner_text()
-            words.nth(2).click()
-            page.wait_for_function("(old) => document.querySelector('#word-overlay img')?.src !== old",
-                                   arg=first_src, timeout=30000)
-            selected = page.locator("#word-details").inner_text()
-            page.screenshot(path=str(ARTIFACTS / "ui.png"), full_page=True)
+                    "(want) => [...document.querySelectorAll('#explained-words .token')].map(t => t.innerText)"
+                    ".join('').replace(/\\s/g, '') === want",
+                    arg=captions["Beam search"].lower().replace(" ", "").rstrip("."), timeout=60000)
+                shown = page.locator("#word-overlay img")
+                shown.wait_for(timeout=60000)
+                page.wait_for_function(
+                    "() => document.querySelector('#word-details')?.innerText.includes('probability')")
+                first_src, first_details = shown.get_attribute("src"), page.locator("#word-details").inner_text()
+                words.nth(2).click()
+                page.wait_for_function("(old) => document.querySelector('#word-overlay img')?.src !== old",
+                                       arg=first_src, timeout=30000)
+                selected = page.locator("#word-details").inner_text()
+                page.screenshot(path=str(ARTIFACTS / "ui.png"), full_page=True)
+            except Exception as err:  # a timeout says little: add what the page and the server show
+                explained = page.evaluate("() => [...document.querySelectorAll('#explained-words .token')]"
+                                          ".map(t => t.innerText).join(' ')")
+                log = Path(proc.log_path).read_text()[-4000:]
+                raise AssertionError(f"{type(err).__name__}: {err}\ncaptions: {captions}\nexplained words: "
+                                     f"{explained}\napp log (tail):\n{log}") from err
             browser.close()
     finally:
         stop_app(proc)
