@@ -14,6 +14,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .atomic import plain_mode
 from .decoder import CaptionDecoder, DecoderConfig, build_decoder
 from .encoders import Encoder, build_encoder
 from .images import ImageTransform
@@ -28,21 +29,6 @@ class CheckpointError(ValueError):
     pass
 
 
-def atomic_file(path: str | Path, write, suffix: str = ".tmp") -> Path:
-    """Runs `write(tmp_path)` on a temporary file beside `path`, then renames it into place, so a
-    reader sees the old file or the whole new one, never a torn one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return path
-
-
 def atomic_directory(directory: str | Path, write) -> Path:
     """Runs `write(tmp_dir)` then swaps tmp_dir into place, so a crash leaves the old directory or
     the new one, never a torn one. Between the two renames the old one sits at `<dir>.previous`,
@@ -54,11 +40,9 @@ def atomic_directory(directory: str | Path, write) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
     try:
         write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a checkpoint is for sharing
+        os.chmod(tmp, plain_mode(0o777))  # mkdtemp makes it private; a checkpoint is for sharing
         for f in tmp.iterdir():
-            os.chmod(f, 0o666 & ~umask)
+            os.chmod(f, plain_mode(0o666))
             with f.open("rb") as fh:
                 os.fsync(fh.fileno())
         previous = directory.with_name(directory.name + ".previous")

@@ -18,11 +18,11 @@ import csv
 import hashlib
 import io
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .atomic import atomic_file
 from .shards import ShardMember, ShardProblem, expand, is_shard_spec, read_samples
 
 SPLIT_ALIASES = {"train": "train", "restval": "train", "val": "val", "dev": "val", "valid": "val",
@@ -311,10 +311,8 @@ def _shard_index(shard: str, index_dir: str | Path | None) -> list[dict]:
         entries.append({"key": item.key, "image": [image.offset, image.size, image.digest],
                         "captions": item.captions, "split": item.metadata.get("split")})
     if stored is not None:
-        stored.parent.mkdir(parents=True, exist_ok=True)
-        tmp = stored.with_name(f"{stored.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"shard": shard, "entries": entries}), encoding="utf-8")
-        os.replace(tmp, stored)
+        text = json.dumps({"shard": shard, "entries": entries})
+        atomic_file(stored, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return entries
 
 

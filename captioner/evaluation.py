@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from .atomic import atomic_file
 from .datasets import CaptionDataset, load_dataset
 from .hallucination import ObjectTable, hallucination
 from .metrics import caption_stats, score_captions
@@ -51,9 +51,8 @@ def evaluate(captioner: Captioner, dataset: str | Path | CaptionDataset, split: 
         with (out / "predictions.jsonl").open("w", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
-        tmp = out / "scores.json.tmp"
-        tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, out / "scores.json")
+        text = json.dumps(report, indent=2) + "\n"
+        atomic_file(out / "scores.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return report
 
 

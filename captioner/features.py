@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_file
+from .atomic import atomic_file
 from .encoders import Encoder
 from .loading import image_batches
 from .runtime import autocast, autocast_dtype

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import atomic_file
+from .atomic import atomic_file
 from .decoder import CaptionDecoder
 from .encoders import Encoder
 from .onnx_captioner import FILES, SHARED_WEIGHTS

@@ -4,13 +4,13 @@ log the epoch (metrics.jsonl, curves.png), and keep a phase's best checkpoint.""
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
 
 from . import decoding
+from .atomic import atomic_file
 from .checkpoint import save_checkpoint
 from .decoder import CaptionDecoder
 from .distributed import log
@@ -104,7 +104,5 @@ def plot_curves(metrics_path: Path, png_path: Path) -> None:
     right.set(title="validation (greedy)", xlabel="epoch")
     right.legend()
     fig.tight_layout()
-    tmp = png_path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=80)
+    atomic_file(png_path, lambda tmp: fig.savefig(tmp, dpi=80), suffix=".tmp.png")
     plt.close(fig)
-    os.replace(tmp, png_path)
