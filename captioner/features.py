@@ -161,7 +161,8 @@ def cached_features(encoder: Encoder, paths: list[Path], cache_dir: str | Path, 
     per_chunk = max(1, int(chunk_mb * 2**20) // (views * int(np.prod(shape)) * 2))
     bounds = [(start, min(start + per_chunk, len(paths))) for start in range(0, len(paths), per_chunk)]
     files = [folder / f"images-{start:09d}-{stop:09d}.safetensors" for start, stop in bounds]
-    mine = [c for c in range(len(files)) if c % processes == rank and _open_chunk(files[c]) is None]
+    opened = {c: _open_chunk(files[c]) for c in range(rank, len(files), processes)}
+    mine = [c for c, chunk in opened.items() if chunk is None]
     if mine:
         folder.mkdir(parents=True, exist_ok=True)
         todo = sum(bounds[c][1] - bounds[c][0] for c in mine)
@@ -177,12 +178,12 @@ def cached_features(encoder: Encoder, paths: list[Path], cache_dir: str | Path, 
                 atomic_file(files[c], lambda tmp: save_file({"features": features}, tmp, metadata=metadata))
     barrier()  # every rank's chunks are written
     chunks, errors = [], {}
-    for path in files:
-        opened = _open_chunk(path)
-        if opened is None:
+    for c, path in enumerate(files):
+        chunk = opened.get(c) or _open_chunk(path)  # a chunk found at the start is mapped already
+        if chunk is None:
             raise RuntimeError(f"feature cache {path} is missing or unreadable after encoding")
-        chunks.append(opened[0])
-        errors.update(opened[1])
+        chunks.append(chunk[0])
+        errors.update(chunk[1])
     return FeatureStore(chunks), errors, folder
 
 
