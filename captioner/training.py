@@ -323,24 +323,29 @@ def report_test(config: TrainConfig, best_dir: Path, out_dir: Path, dtype: torch
 
     captioner = Captioner.from_pretrained(best_dir, precision=config.precision)
     specs = config.dataset_specs()
+    dataset = load_datasets(specs, shard_index=shard_index(config))  # as training read it, `split` included
+    paths = {}
+    for spec in specs:  # entries joined under one name report under the first one's path
+        paths.setdefault(dataset_name(spec), spec["path"])
+    parts = dataset.parts()
     kept = ("split", "method", "options", "scores", "stats", "hallucination")
     reports = {}
-    for spec in specs:
-        name = dataset_name(spec)
-        data = load_datasets([spec], shard_index=shard_index(config))  # as training read it, `split` included
-        if not data.split("test"):
+    for name in parts:
+        test = [r for r in dataset.split("test") if r.dataset == name]
+        if not test:
             log(f"{name}: no test split to score")
             continue
-        report = evaluate(captioner, data, "test", method="beam",
-                          out_dir=out_dir / name if len(specs) > 1 else out_dir, workers=config.workers,
+        part = CaptionDataset(Path(paths[name]), dataset.sources[name][1], test)
+        report = evaluate(captioner, part, "test", method="beam",
+                          out_dir=out_dir / name if len(parts) > 1 else out_dir, workers=config.workers,
                           objects=config.objects or None, beam_size=config.eval_beam_size,
                           length_penalty=config.length_penalty, max_length=config.max_length)
-        log((f"{name}: " if len(specs) > 1 else "") + format_report(report))
+        log((f"{name}: " if len(parts) > 1 else "") + format_report(report))
         reports[name] = {k: report[k] for k in kept if k in report}
     training = dict(captioner.config.get("training", {}))
     if not reports:
         return reports
-    training["test"] = next(iter(reports.values())) if len(specs) == 1 else reports
+    training["test"] = next(iter(reports.values())) if len(parts) == 1 else reports
     captioner.save_pretrained(best_dir, training=training, dtype=dtype)
     return reports
 
