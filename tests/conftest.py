@@ -4,7 +4,9 @@ images, saved as a real checkpoint directory."""
 from __future__ import annotations
 
 import importlib.util
+import io
 import os
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +46,13 @@ SCENES = [
     ("yellow_triangle", "a yellow triangle points up", lambda d: d.polygon([(48, 10), (86, 86), (10, 86)], fill=(230, 210, 0))),
 ]
 BACKGROUNDS = {"green_stripes": (128, 128, 128)}
+
+
+def add_to_tar(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """One member of a shard, as img2dataset writes them."""
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
 
 
 def draw_scene(name: str, size: int = 96) -> Image.Image:

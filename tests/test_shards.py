@@ -11,11 +11,7 @@ import pytest
 
 from captioner.shards import ShardWriter, expand, read_samples
 
-
-def add(tar, name, data):
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
+from conftest import add_to_tar
 
 
 @pytest.fixture
@@ -25,21 +21,21 @@ def shards(tmp_path, scene_paths):
     folder.mkdir()
     images = [p.read_bytes() for p in scene_paths]
     with tarfile.open(folder / "00000.tar", "w") as tar:
-        add(tar, "000000000.jpg", images[0])
-        add(tar, "000000000.txt", b"a red circle")
-        add(tar, "000000001.jpg", images[1])
-        add(tar, "000000001.json", json.dumps({"caption": "a blue square", "url": "x"}).encode())
-        add(tar, "000000002.txt", b"a caption whose image is missing")
-        add(tar, "000000003.jpg", b"this is not a JPEG")
-        add(tar, "000000003.txt", b"broken")
+        add_to_tar(tar, "000000000.jpg", images[0])
+        add_to_tar(tar, "000000000.txt", b"a red circle")
+        add_to_tar(tar, "000000001.jpg", images[1])
+        add_to_tar(tar, "000000001.json", json.dumps({"caption": "a blue square", "url": "x"}).encode())
+        add_to_tar(tar, "000000002.txt", b"a caption whose image is missing")
+        add_to_tar(tar, "000000003.jpg", b"this is not a JPEG")
+        add_to_tar(tar, "000000003.txt", b"broken")
     with tarfile.open(folder / "00001.tar", "w") as tar:
-        add(tar, "000000004.png", images[2])  # an image without a caption still gets one
-        add(tar, "000000005.jpg", images[3])
-        add(tar, "000000005.txt", b"four")
+        add_to_tar(tar, "000000004.png", images[2])  # an image without a caption still gets one
+        add_to_tar(tar, "000000005.jpg", images[3])
+        add_to_tar(tar, "000000005.txt", b"four")
     whole = io.BytesIO()
     with tarfile.open(fileobj=whole, mode="w") as tar:
-        add(tar, "000000006.jpg", images[0])
-        add(tar, "000000007.jpg", images[1])
+        add_to_tar(tar, "000000006.jpg", images[0])
+        add_to_tar(tar, "000000007.jpg", images[1])
     (folder / "00002.tar").write_bytes(whole.getvalue()[:512 + len(images[0]) + 700])  # cut inside 7's image
     return folder
 
@@ -121,10 +117,10 @@ def test_shards_read_as_a_training_dataset_with_images_left_in_place(shards, sce
     from captioner.shards import ShardMember
 
     with tarfile.open(shards / "00003.tar", "w") as tar:  # several captions, and a split, per sample
-        add(tar, "a.jpg", scene_paths[2].read_bytes())
-        add(tar, "a.txt", b"green stripes\n\ngrey field\n")
-        add(tar, "b.jpg", scene_paths[3].read_bytes())
-        add(tar, "b.json", json.dumps({"captions": ["a triangle", "yellow"], "split": "dev"}).encode())
+        add_to_tar(tar, "a.jpg", scene_paths[2].read_bytes())
+        add_to_tar(tar, "a.txt", b"green stripes\n\ngrey field\n")
+        add_to_tar(tar, "b.jpg", scene_paths[3].read_bytes())
+        add_to_tar(tar, "b.json", json.dumps({"captions": ["a triangle", "yellow"], "split": "dev"}).encode())
     data = load_dataset(f"{shards}/{{00000..00003}}.tar")
     assert data.format == "webdataset"
     by_key = {r.image.key: r for r in data.records}
@@ -151,8 +147,8 @@ def test_shards_read_as_a_training_dataset_with_images_left_in_place(shards, sce
     with pytest.raises(DatasetError, match="00004.tar: no such shard"):
         load_dataset(f"{shards}/{{00003..00004}}.tar")
     with tarfile.open(tmp_path / "packed.tar.gz", "w:gz") as tar:  # offsets into gzip cannot be read in place
-        add(tar, "c.jpg", scene_paths[0].read_bytes())
-        add(tar, "c.txt", b"red")
+        add_to_tar(tar, "c.jpg", scene_paths[0].read_bytes())
+        add_to_tar(tar, "c.txt", b"red")
     with pytest.raises(DatasetError, match="must be uncompressed"):
         load_dataset(str(tmp_path / "packed.tar.gz"), format="webdataset")
 

@@ -21,7 +21,7 @@ from captioner.finetune import features_from_boundary
 from captioner.recipe import TrainConfig
 from captioner.training import train
 
-from conftest import SCENES, draw_scene
+from conftest import SCENES, add_to_tar, draw_scene
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -268,7 +268,6 @@ def test_training_from_shards_is_training_from_the_same_images_as_files(tiny_dat
     """WebDataset shards holding the tiny dataset's images, captions and splits (KEY.json), in its
     order: the run reads the images in place from the shards and ends with the weights the files give."""
     import csv
-    import io
     import tarfile
 
     rows = list(csv.DictReader(tiny_dataset.open()))
@@ -279,11 +278,8 @@ def test_training_from_shards_is_training_from_the_same_images_as_files(tiny_dat
             for row in part:
                 key = Path(row["image"]).stem
                 meta = json.dumps({"caption": row["caption"], "split": row["split"]}).encode()
-                for name, data in ((f"{key}.jpg", (tiny_dataset.parent / row["image"]).read_bytes()),
-                                   (f"{key}.json", meta)):
-                    info = tarfile.TarInfo(name)
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
+                add_to_tar(tar, f"{key}.jpg", (tiny_dataset.parent / row["image"]).read_bytes())
+                add_to_tar(tar, f"{key}.json", meta)
     from_files = train(tiny_config(tiny_dataset, tmp_path / "files", epochs=2))
     result = subprocess.run([sys.executable, "-m", "captioner", "train", *cli_flags(tiny_config(
         f"{shards}/{{00000..00001}}.tar", tmp_path / "shards", epochs=2))], capture_output=True, text=True)
