@@ -221,7 +221,10 @@ def build_app(captioner: Captioner) -> gr.Blocks:
             method.change(show_controls, method, [sample_controls, beam_controls], api_name=False)
             button.click(caption, [image, method, temperature, top_k, top_p, num_samples, seed, beam_size,
                                    length_penalty, max_length], [best, table, seen], api_name="caption").then(
-                explain_caption, [image, best], [words, heat, chosen, details, overlays], api_name="explain")
+                # gradio's default ("once") drops an explain requested while the last is still running,
+                # leaving the words of an earlier caption under a new one; run the latest instead
+                explain_caption, [image, best], [words, heat, chosen, details, overlays], api_name="explain",
+                trigger_mode="always_last")
             words.select(select_word, [overlays, details], [heat, chosen], api_name=False)
         with gr.Tab("Batch"):
             files = gr.File(file_count="multiple", label="Images", elem_id="batch-files")
