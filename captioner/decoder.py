@@ -24,6 +24,12 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 IMAGE_FEEDS = ("state", "input", "both")
+# With one layer and nothing between the LSTM and the output layer, the output layer and W_hh
+# multiply the same h: one product a step gives this word's logits and the next step's recurrent
+# gates in one pass over both matrices (StepWeights.stacked). Up to this many rows the product is
+# bound by reading the weights and that pass saves 15-20 % of a step; above it the product is bound
+# by compute, and beam search would reorder 4H gates a row instead of h (bench/README.md).
+STACKED_MAX_ROWS = 64
 
 
 @dataclass
@@ -238,18 +244,21 @@ class CaptionDecoder(nn.Module):
         versions = (self.step_dtype, *((p.data_ptr(), p._version) for p in self.parameters()))
         cached = getattr(self, "_step_cache", None)
         if cached is None or cached.versions != versions:
-            cached = StepWeights.of(self.lstm, self.embed, self.classifier, self.step_dtype, versions)
+            stacked = self.config.num_layers == 1 and self.attention is None and self.out_proj is None
+            cached = StepWeights.of(self.lstm, self.embed, self.classifier, self.step_dtype, versions, stacked)
             self._step_cache = cached
         return cached
 
     def _lstm_step(self, weights: "StepWeights", first_gates: torch.Tensor, lstm_state):
         """One LSTM step from the first layer's input projection (N x 4H, biases included) ->
-        (the last layer's output N x H, new (h, c)), with nn.LSTM's gate order (i, f, g, o)."""
-        h, c = lstm_state
+        (the last layer's output N x H, new (h, c)), with nn.LSTM's gate order (i, f, g, o). A state
+        (h, c, W_hh h) already holds the first layer's recurrent gates (`StepWeights.stacked`)."""
+        h, c = lstm_state[:2]
         hs, cs = [], []
         for layer in range(self.config.num_layers):
             if layer == 0:
-                gates = first_gates + weights.product(h[0], weights.hidden)
+                recurrent = lstm_state[2][0] if len(lstm_state) > 2 else weights.product(h[0], weights.hidden)
+                gates = first_gates + recurrent
             else:
                 w_ih, bias = weights.deeper[layer - 1]
                 gates = bias + weights.product(torch.cat([hs[-1], h[layer]], dim=1), w_ih)
@@ -261,17 +270,21 @@ class CaptionDecoder(nn.Module):
 
     def start(self, features: torch.Tensor, evidence_weight: float | None = None,
               evidence_threshold: float | None = None):
-        """The decoding state after seeing the image, ready for the <start> token: the LSTM's (h, c),
-        the attention memory (or None) and the evidence bias on the word logits (or None). Every
-        tensor in it has the batch on dim 1, so decoding reorders them all alike; the memory is kept
-        as L x B x A and the bias as 1 x B x V for that."""
+        """The decoding state after seeing the image, ready for the <start> token: the LSTM's (h, c)
+        (with the next recurrent gates W_hh h as a third part where `StepWeights.stacked` computes
+        them), the attention memory (or None) and the evidence bias on the word logits (or None).
+        Every tensor in it has the batch on dim 1, so decoding reorders them all alike; the memory is
+        kept as L x B x A and the bias as 1 x B x V for that."""
         state, prefix, memory, (label_probs, concept_probs) = self._project(features)
-        if prefix.size(1) and not self._folded:
-            _, state = self.lstm(prefix, state)
-        elif prefix.size(1):
+        if not self._folded:
+            if prefix.size(1):
+                _, state = self.lstm(prefix, state)
+        else:
             weights = self._step_weights()
             for s in range(prefix.size(1)):
                 _, state = self._lstm_step(weights, nn.functional.linear(prefix[:, s], *weights.first), state)
+            if weights.stacked is not None and features.size(0) <= STACKED_MAX_ROWS:
+                state = (*state, weights.product(state[0][0], weights.hidden)[None])
         c = self.config
         bias = self.evidence_bias(label_probs, concept_probs,
                                   c.evidence_weight if evidence_weight is None else evidence_weight,
@@ -284,12 +297,19 @@ class CaptionDecoder(nn.Module):
         LSTM runs as plain matrix products on `StepWeights`; training keeps `nn.LSTM`."""
         lstm_state, memory, bias = state
         weights = self._step_weights() if self._folded else None
+        stacked = len(lstm_state) > 2  # start() chose the stacked product for this batch
         if weights is None:
             out, lstm_state = self.lstm(self.embed(tokens).unsqueeze(1), lstm_state)
             hidden = out[:, 0]
         else:
             hidden, lstm_state = self._lstm_step(weights, weights.by_token[tokens], lstm_state)
-        logits = self._logits(hidden, None if memory is None else memory.transpose(0, 1), weights)
+        if stacked:
+            both = weights.product(hidden, weights.stacked)
+            vocab = self.config.vocab_size
+            logits = both[:, :vocab] + weights.output[1]
+            lstm_state = (*lstm_state, both[:, vocab:][None])
+        else:
+            logits = self._logits(hidden, None if memory is None else memory.transpose(0, 1), weights)
         if bias is not None:
             logits = logits.float() + bias[0]
         return logits, (lstm_state, memory, bias)
@@ -300,7 +320,8 @@ class StepWeights:
     """nn.LSTM's weights for decoding a token at a time. At batch 1 oneDNN's RNN layer cost 2.4-3.2x
     the time its weights take to read (bench/README.md); as matrix products, and with the first layer's
     input projection of every word computed once (`by_token`: V x 4H, embedding @ W_ih + both
-    biases, in fp32), a step reads only W_hh and the output layer, in `dtype`."""
+    biases, in fp32), a step reads only W_hh and the output layer, in `dtype`, and for a small
+    batch of a one-layer decoder reads both in one product (`stacked`, STACKED_MAX_ROWS)."""
 
     versions: tuple
     dtype: torch.dtype
@@ -309,19 +330,24 @@ class StepWeights:
     hidden: torch.Tensor  # W_hh of layer 0 (4H x H)
     deeper: list[tuple[torch.Tensor, torch.Tensor]]  # layers >= 1: [W_ih | W_hh], b_ih + b_hh
     output: tuple[torch.Tensor, torch.Tensor]  # the output layer's weight and bias
+    stacked: torch.Tensor | None  # [output weight; W_hh] ((V + 4H) x H), whose views the two above are
 
     @classmethod
     @torch.no_grad()
     def of(cls, lstm: nn.LSTM, embed: nn.Embedding, classifier: nn.Linear, dtype: torch.dtype,
-           versions: tuple) -> "StepWeights":
+           versions: tuple, stacked: bool = False) -> "StepWeights":
         def layer(k):
             bias = (getattr(lstm, f"bias_ih_l{k}") + getattr(lstm, f"bias_hh_l{k}")).float()
             return getattr(lstm, f"weight_ih_l{k}").float(), getattr(lstm, f"weight_hh_l{k}"), bias
         w_ih, w_hh, bias = layer(0)
         deeper = [(torch.cat(layer(k)[:2], dim=1).to(dtype), layer(k)[2]) for k in range(1, lstm.num_layers)]
         by_token = torch.addmm(bias, embed.weight.float(), w_ih.t())
-        return cls(versions, dtype, by_token, (w_ih, bias), w_hh.to(dtype).contiguous(), deeper,
-                   (classifier.weight.to(dtype).contiguous(), classifier.bias.float()))
+        if stacked:
+            both = torch.cat([classifier.weight, w_hh]).to(dtype).contiguous()
+            output, hidden = both[:classifier.out_features], both[classifier.out_features:]
+        else:
+            both, output, hidden = None, classifier.weight.to(dtype).contiguous(), w_hh.to(dtype).contiguous()
+        return cls(versions, dtype, by_token, (w_ih, bias), hidden, deeper, (output, classifier.bias.float()), both)
 
     def product(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """x @ weight.T in the weights' dtype, returned in fp32."""

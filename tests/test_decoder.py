@@ -18,8 +18,9 @@ def test_shapes_for_every_image_feed(feed, layers):
     logits = decoder(features, captions, lengths)
     assert logits.shape == (2, 4, 30)
     state = decoder.start(features)
-    (h, c), memory, bias = state
+    (h, c, *recurrent), memory, bias = state  # one layer also carries the next step's W_hh h
     assert h.shape == c.shape == (layers, 2, 12) and memory is None and bias is None  # no evidence
+    assert [r.shape for r in recurrent] == ([(1, 2, 48)] if layers == 1 else [])
     step_logits, _ = decoder.step(torch.tensor([1, 1]), state)
     # the first teacher-forced step and the first decoding step see the same thing
     assert torch.allclose(step_logits, logits[:, 0], atol=1e-5)

@@ -13,8 +13,9 @@ import torchvision
 from captioner import Captioner
 from captioner.checkpoint import load_checkpoint
 from captioner.cli import main as cli
+from captioner import decoder as decoder_module
 from captioner.decoder import CaptionDecoder, DecoderConfig, set_step
-from captioner.decoding import greedy
+from captioner.decoding import beam_search, greedy
 from captioner.efficientnet_lite import SamePad
 from captioner.engines import BACKENDS, installed, resolve_backend
 from captioner.folding import SameConv2d, fold_module, fold_trunk
@@ -92,6 +93,20 @@ def test_matrix_product_steps_agree_with_the_fused_sequence(num_layers):
         unfolded = greedy(decoder, features)
         set_step(decoder, fold=True)
         assert [c[0].tokens for c in greedy(decoder, features)] == [c[0].tokens for c in unfolded]
+
+
+def test_small_batches_decode_through_the_stacked_product_as_large_ones_do_without(monkeypatch):
+    decoder, features = evidence_decoder(1), torch.rand(3, 40)
+    with torch.no_grad():
+        assert len(decoder.start(features)[0]) == 3  # (h, c, W_hh h): logits and gates in one product
+        stacked = greedy(decoder, features), beam_search(decoder, features, beam_size=2)
+        monkeypatch.setattr(decoder_module, "STACKED_MAX_ROWS", 2)
+        assert len(decoder.start(features)[0]) == 2
+        separate = greedy(decoder, features), beam_search(decoder, features, beam_size=2)
+    for ours, theirs in zip(stacked, separate):
+        assert [[c.tokens for c in per] for per in ours] == [[c.tokens for c in per] for per in theirs]
+        assert [c.logprob for per in ours for c in per] == pytest.approx([c.logprob for per in theirs for c in per],
+                                                                         abs=1e-5)
 
 
 def test_step_weights_follow_the_weights_after_an_update():
