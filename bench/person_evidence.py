@@ -6,7 +6,7 @@ a decode-time penalty on every person word, driven by that group detector, does 
 
     python bench/person_evidence.py runs/flickr8k_coco/best --dataset ../shared/data/coco_extra \
         --dataset ../shared/data/flickr8k --objects ../shared/data/coco_objects/synonyms.txt \
-        [--weights 0,2,4,8] [--threshold 0.3]
+        [--weights 0,2,4,8] [--threshold 0.3] [--detector-from coco_extra] [--seed 0]
 
 The CHAIR table (--objects) says which words name a person, and its ground truth (the objects the
 references name) is the detector's target. The group penalty comes on top of the checkpoint's own
@@ -62,6 +62,10 @@ def main() -> int:
     parser.add_argument("--weights", default="0,2,4,8", help="group penalty weights, comma-separated")
     parser.add_argument("--threshold", type=float, default=0.3)
     parser.add_argument("--beam-size", type=int, default=3)
+    parser.add_argument("--detector-from", default=None,
+                        help="train the group detector on this dataset's training photos only (its folder name); "
+                             "default: every dataset's")
+    parser.add_argument("--seed", type=int, default=0, help="the group detector's seed")
     args = parser.parse_args()
     keep_freed_memory()
     captioner = Captioner.from_pretrained(args.checkpoint)
@@ -82,11 +86,14 @@ def main() -> int:
     train_features, train_shows, dev = [], [], []
     for dataset in args.dataset:
         data = load_dataset(dataset)
-        features, shows = encoded(data.split("train"))
-        train_features.append(features[:, :image_dim])
-        train_shows.append(shows)
+        if args.detector_from in (None, Path(dataset).name):
+            features, shows = encoded(data.split("train"))
+            train_features.append(features[:, :image_dim])
+            train_shows.append(shows)
         dev.append((Path(dataset).name, data.split("val"), *encoded(data.split("val"))))
-    detector = fit_detector(torch.cat(train_features), torch.cat(train_shows))
+    if not train_features:
+        parser.error(f"--detector-from {args.detector_from}: no --dataset of that name")
+    detector = fit_detector(torch.cat(train_features), torch.cat(train_shows), seed=args.seed)
     dev = [(*d, detector(d[2][:, :image_dim])) for d in dev]  # + each photo's person probability
 
     start = decoder.start
