@@ -168,12 +168,17 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from .datasets import load_dataset
     from .evaluation import evaluate, format_report
+    from .recipe import TrainConfig
 
     captioner = _load(args)
-    report = evaluate(captioner, args.dataset, args.split, images=args.images, format=args.format,
-                      method=args.method, out_dir=args.out, batch_size=args.batch_size, workers=args.workers,
-                      limit=args.limit, objects=args.objects, **_decoding_options(args))
+    # shards are indexed where training keeps their indexes (the recipe's default cache): a shard
+    # trained on, or scored before, is not read again to know what it holds
+    data = load_dataset(args.dataset, args.images, args.format, shard_index=TrainConfig().shard_index)
+    report = evaluate(captioner, data, args.split, method=args.method, out_dir=args.out,
+                      batch_size=args.batch_size, workers=args.workers, limit=args.limit, objects=args.objects,
+                      **_decoding_options(args))
     print(format_report(report))
     if args.out:
         print(f"wrote {Path(args.out) / 'predictions.jsonl'} and {Path(args.out) / 'scores.json'}")

@@ -115,6 +115,11 @@ class TrainConfig:
                              self.attention_dim, 1000 if self.labels else 0, self.concepts, self.evidence_weight,
                              self.evidence_threshold)
 
+    @property
+    def shard_index(self) -> Path:
+        """Where shard datasets' indexes are kept between runs: beside the feature cache."""
+        return Path(self.cache_dir).expanduser() / "shard-index"
+
     def dataset_specs(self) -> list[dict]:
         """The datasets to read, as `datasets.load_datasets` takes them."""
         if self.datasets:

@@ -69,11 +69,6 @@ def mix_predictions(decoder, features, captions, lengths, probability: float, ge
     return mixed
 
 
-def shard_index(config: TrainConfig) -> Path:
-    """Where shard datasets' indexes are kept between runs: beside the feature cache."""
-    return Path(config.cache_dir).expanduser() / "shard-index"
-
-
 # -- state that --resume restores -------------------------------------------------------------
 
 def _state_writer(optimizer: torch.optim.Optimizer, progress: dict, ema: AveragedModel | None):
@@ -128,7 +123,7 @@ def prepare(config: TrainConfig, device: torch.device):
     """Dataset, vocabulary, encoder and cached features for the train and val splits. Also returns the
     cache's arguments and `split` (cached tensor -> its train and val parts), so that fine-tuning
     caches and splits its activations the same way."""
-    dataset = load_datasets(config.dataset_specs(), config.strict, shard_index(config))
+    dataset = load_datasets(config.dataset_specs(), config.strict, config.shard_index)
     log(dataset.summary())
     train_records, val_records = dataset.split("train"), dataset.split("val")
     if not train_records:
@@ -323,7 +318,7 @@ def report_test(config: TrainConfig, best_dir: Path, out_dir: Path, dtype: torch
 
     captioner = Captioner.from_pretrained(best_dir, precision=config.precision)
     specs = config.dataset_specs()
-    dataset = load_datasets(specs, shard_index=shard_index(config))  # as training read it, `split` included
+    dataset = load_datasets(specs, shard_index=config.shard_index)  # as training read it, `split` included
     paths = {}
     for spec in specs:  # entries joined under one name report under the first one's path
         paths.setdefault(dataset_name(spec), spec["path"])

@@ -182,3 +182,31 @@ def test_a_shard_is_indexed_once_and_keyed_by_content(shards, scene_paths, tmp_p
     assert [r for r in changed.records if r.image.shard.endswith("00001.tar")] == []
     assert [p for p in changed.problems if "00001.tar" in p] == []
     assert len(changed.records) == len(first.records) - 1
+
+
+def test_eval_keeps_the_shard_index_where_training_does(tiny_checkpoint, scene_paths, tmp_path, monkeypatch):
+    from captioner.cli import main as cli
+    from captioner.recipe import TrainConfig
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # the recipe's default cache, ~/.cache/captioner/...
+    shard = tmp_path / "test-00000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i, (path, words) in enumerate(zip(scene_paths, ["a red circle", "a blue square"])):
+            add_to_tar(tar, f"{i:09d}.jpg", path.read_bytes())
+            add_to_tar(tar, f"{i:09d}.json", json.dumps({"captions": [words], "split": "test"}).encode())
+
+    def scores(out):
+        assert cli(["eval", str(tiny_checkpoint), "--dataset", str(shard), "--method", "greedy",
+                    "--out", str(out)]) == 0
+        return json.loads((out / "scores.json").read_text())["scores"]
+
+    first = scores(tmp_path / "first")
+    assert first["images"] == 2 and len(list(TrainConfig().shard_index.glob("*.json"))) == 1
+    # the second run reads the index, not the shard: the images are read in place to caption them, so
+    # the shard keeps its bytes, but a copy of the index that names a sample the shard lacks is believed
+    index = next(TrainConfig().shard_index.glob("*.json"))
+    stored = json.loads(index.read_text())
+    stored["entries"][1]["captions"] = ["a caption only the index holds"]
+    index.write_text(json.dumps(stored))
+    again = scores(tmp_path / "again")
+    assert again["images"] == 2 and again["CIDEr"] != first["CIDEr"]
