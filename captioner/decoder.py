@@ -27,8 +27,9 @@ IMAGE_FEEDS = ("state", "input", "both")
 # With one layer and nothing between the LSTM and the output layer, the output layer and W_hh
 # multiply the same h: one product a step gives this word's logits and the next step's recurrent
 # gates in one pass over both matrices (StepWeights.stacked). Up to this many rows the product is
-# bound by reading the weights and that pass saves 15-20 % of a step; above it the product is bound
-# by compute, and beam search would reorder 4H gates a row instead of h (bench/README.md).
+# bound by reading the weights and that pass saves about 11 % of a greedy token at batch 1; above
+# it the product is bound by compute, and beam search would reorder 4H gates a row instead of h
+# (23 % slower at 768 rows; bench/README.md).
 STACKED_MAX_ROWS = 64
 
 

@@ -11,9 +11,9 @@ import torch
 import torchvision
 
 from captioner import Captioner
+from captioner import decoder as decoder_module
 from captioner.checkpoint import load_checkpoint
 from captioner.cli import main as cli
-from captioner import decoder as decoder_module
 from captioner.decoder import CaptionDecoder, DecoderConfig, set_step
 from captioner.decoding import beam_search, greedy
 from captioner.efficientnet_lite import SamePad

@@ -202,8 +202,8 @@ def test_eval_keeps_the_shard_index_where_training_does(tiny_checkpoint, scene_p
 
     first = scores(tmp_path / "first")
     assert first["images"] == 2 and len(list(TrainConfig().shard_index.glob("*.json"))) == 1
-    # the second run reads the index, not the shard: the images are read in place to caption them, so
-    # the shard keeps its bytes, but a copy of the index that names a sample the shard lacks is believed
+    # the second run reads the index, not the shard (whose images are still read in place to caption
+    # them): captions changed in the index alone are the ones it scores against
     index = next(TrainConfig().shard_index.glob("*.json"))
     stored = json.loads(index.read_text())
     stored["entries"][1]["captions"] = ["a caption only the index holds"]
