@@ -75,6 +75,9 @@ def decoding_options(method: str, temperature, top_k, top_p, num_samples, seed, 
 
 def word_details(word: dict) -> str:
     others = ", ".join(f"{w} ({p:.0%})" for w, p in word["alternatives"])
+    if word.get("decoder_word"):
+        return (f"**{word['word']}**: what the encoder recognises; the decoder wrote \"{word['decoder_word']}\", "
+                f"probability {word['probability']:.0%}; weighed instead: {others}")
     return f"**{word['word']}**: probability {word['probability']:.0%}; weighed instead: {others}"
 
 

@@ -103,6 +103,8 @@ class ResultWriter:
                       "method": self.settings["method"], **self.settings["options"]}
             if len(result.captions) > 1:
                 record["captions"] = [{"caption": c.text, "logprob": round(c.logprob, 4)} for c in result.captions]
+            if best.renamed:  # the animal the classifier named -> the decoder's word for it
+                record["renamed"] = {best.words[i]: word for i, word in best.renamed.items()}
             if result.labels:
                 record["labels"] = [dataclasses.asdict(label) for label in result.labels]
             if sample is not None:

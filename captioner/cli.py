@@ -34,17 +34,20 @@ def _add_decoding_options(p: argparse.ArgumentParser, default_method: str = "gre
                    help="penalty on object words the image does not support (default: the checkpoint's)")
     g.add_argument("--evidence-threshold", type=float, default=None,
                    help="support below which an object word is penalised (default: the checkpoint's)")
+    g.add_argument("--no-animal-names", dest="name_animals", action="store_false",
+                   help="keep the decoder's animal word where the encoder's classifier is sure of another")
 
 
 def _decoding_options(args) -> dict:
-    evidence = {k: getattr(args, k) for k in ("evidence_weight", "evidence_threshold") if getattr(args, k) is not None}
+    naming = {k: getattr(args, k) for k in ("evidence_weight", "evidence_threshold") if getattr(args, k) is not None}
+    naming["name_animals"] = args.name_animals
     if args.method == "beam":
         return {"beam_size": args.beam_size, "length_penalty": args.length_penalty,
-                "no_repeat_ngram_size": args.no_repeat_ngram_size, "max_length": args.max_length, **evidence}
+                "no_repeat_ngram_size": args.no_repeat_ngram_size, "max_length": args.max_length, **naming}
     if args.method == "sample":
         return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
-                "num_samples": args.num_samples, "max_length": args.max_length, **evidence}
-    return {"max_length": args.max_length, **evidence}
+                "num_samples": args.num_samples, "max_length": args.max_length, **naming}
+    return {"max_length": args.max_length, **naming}
 
 
 def _add_device_options(p: argparse.ArgumentParser) -> None:
@@ -239,7 +242,8 @@ def cmd_explain(args) -> int:
     print(explanation.caption)
     for word in explanation.words:
         others = ", ".join(f"{w} {p:.2f}" for w, p in word.alternatives)
-        print(f"  {word.word:<12} {word.probability:.2f}   instead: {others}")
+        wrote = f" (the decoder wrote {word.decoder_word!r})" if word.decoder_word else ""
+        print(f"  {word.word:<12} {word.probability:.2f}   instead: {others}{wrote}")
     print(f"wrote {len(explanation.words)} overlays and explanation.json to {out}")
     return EXIT_OK
 

@@ -33,6 +33,7 @@ class ExplainedWord:
     probability: float  # the decoder's own, given the words before (before any evidence penalty)
     alternatives: list[tuple[str, float]]  # the most probable other words at that position
     heatmap: np.ndarray = field(repr=False)  # H x W over the photo, 0..1
+    decoder_word: str | None = None  # what the decoder wrote where the classifier named the animal (naming.py)
 
 
 @dataclass
@@ -46,7 +47,8 @@ class Explanation:
         """Everything but the maps, for JSON."""
         return {"caption": self.caption, "maps": self.maps,
                 "words": [{"word": w.word, "probability": round(w.probability, 4),
-                           "alternatives": [[a, round(p, 4)] for a, p in w.alternatives]} for w in self.words],
+                           "alternatives": [[a, round(p, 4)] for a, p in w.alternatives],
+                           **({"decoder_word": w.decoder_word} if w.decoder_word else {})} for w in self.words],
                 "labels": [{"name": x.name, "word": x.word, "probability": x.probability} for x in self.labels]}
 
 
@@ -72,14 +74,16 @@ def explain(captioner, image: ImageInput, caption: str | None = None, method: st
     fmap = fmap.clone()  # out of inference mode, so that gradients can reach it
     features = fmap if takes_map else encoder.pool(fmap)
 
+    renamed = {}
     if caption is None:
         [[best, *_]] = captioner.decode(features, method, seeds=[0], **options)
-        words = best.words
+        words, renamed = best.words, best.renamed
     else:
         words = tokenize(caption)
     if not words:
         raise ValueError("nothing to explain: the caption has no words")
-    ids = [captioner.vocab.stoi.get(w, UNK) for w in words]
+    # an animal the classifier named is explained as the word the decoder wrote there
+    ids = [captioner.vocab.stoi.get(renamed.get(i, w), UNK) for i, w in enumerate(words)]
     tokens = torch.tensor([[START, *ids, END]], device=captioner.device)
     n = len(ids)
 
@@ -108,7 +112,8 @@ def explain(captioner, image: ImageInput, caption: str | None = None, method: st
         top = others.topk(alternatives)
         explained.append(ExplainedWord(word, float(chosen[i].detach().exp()),
                                        [(captioner.vocab.itos[j], round(float(p), 4))
-                                        for p, j in zip(top.values.tolist(), top.indices.tolist())], heatmap))
+                                        for p, j in zip(top.values.tolist(), top.indices.tolist())], heatmap,
+                                       renamed.get(i)))
     seen = []
     if labels and encoder.classifier is not None:
         with torch.inference_mode():

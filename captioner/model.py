@@ -17,8 +17,9 @@ from .decoder import CaptionDecoder, set_step
 from .encoders import Encoder
 from .engines import build_engine, resolve_backend
 from .images import MAX_IMAGE_PIXELS, ImageError, ImageInput, ImageTransform, describe
-from .labels import Label, top_labels
+from .labels import Label, imagenet_classes, top_labels
 from .loading import image_batches
+from .naming import name_animal
 from .runtime import autocast_dtype
 from .vocab import Vocabulary
 
@@ -35,6 +36,7 @@ class GeneratedCaption:
     token_logprobs: list[float]
     ended: bool
     score: float | None = None
+    renamed: dict[int, str] = field(default_factory=dict)  # position in `words` -> the decoder's word there
 
     @property
     def perplexity(self) -> float:
@@ -123,9 +125,10 @@ class Captioner:
                beam_size: int = 3, length_penalty: float = 0.0, no_repeat_ngram_size: int = 0,
                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, num_samples: int = 1,
                max_length: int = 20, evidence_weight: float | None = None,
-               evidence_threshold: float | None = None) -> list[list[GeneratedCaption]]:
+               evidence_threshold: float | None = None, name_animals: bool = True) -> list[list[GeneratedCaption]]:
         """`evidence_weight`/`evidence_threshold`: how object words the image does not support are
-        penalised (decoder.py); None keeps the checkpoint's own setting."""
+        penalised (decoder.py); None keeps the checkpoint's own setting. `name_animals`: a caption
+        that names the wrong animal takes the one the encoder's classifier is sure of (naming.py)."""
         evidence = {"evidence_weight": evidence_weight, "evidence_threshold": evidence_threshold}
         if method == "greedy":
             raw = decoding.greedy(self.decoder, features, max_length=max_length, evidence=evidence)
@@ -138,12 +141,19 @@ class Captioner:
                                   top_p=top_p, num_samples=num_samples, max_length=max_length, evidence=evidence)
         else:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
-        return [[self._to_text(c) for c in per_image] for per_image in raw]
+        probs = [None] * len(raw)
+        if name_animals and self.encoder.num_classes == len(imagenet_classes()[0]):
+            with torch.inference_mode():
+                probs = self.encoder.label_probs(self._pooled(features)).float().cpu()
+        return [[self._to_text(c, p) for c in per_image] for per_image, p in zip(raw, probs)]
 
-    def _to_text(self, caption: decoding.Caption) -> GeneratedCaption:
-        words, text = self.vocab.sentence(self.vocab.words(caption.tokens))
+    def _to_text(self, caption: decoding.Caption, label_probs: torch.Tensor | None = None) -> GeneratedCaption:
+        words, renamed = self.vocab.words(caption.tokens), {}
+        if label_probs is not None:
+            words, renamed = name_animal(words, label_probs)
+        words, text = self.vocab.sentence(words)
         return GeneratedCaption(text, words, caption.logprob, caption.token_logprobs, caption.ended,
-                                caption.score)
+                                caption.score, renamed)
 
     @staticmethod
     def _base_seed(seed: int | None) -> int:

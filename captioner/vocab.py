@@ -47,7 +47,7 @@ _IRREGULAR_PLURALS = {"man": "men", "woman": "women", "child": "children", "pers
                       "mouse": "mice", "goose": "geese", "tooth": "teeth", "sheep": "sheep", "deer": "deer"}
 
 
-def _plural(word: str) -> str:
+def plural(word: str) -> str:
     if word in _IRREGULAR_PLURALS:
         return _IRREGULAR_PLURALS[word]
     if word.endswith("y") and word[-2:-1] not in tuple("aeiou"):
@@ -68,12 +68,12 @@ def agree(words: Sequence[str], known: Iterable[str] = ()) -> list[str]:
                      or following in _VOWEL_SOUND_EXCEPTIONS)
             out[i] = "an" if vowel else "a"
         elif word in NUMBER_WORDS:
-            plural = _plural(following)
+            many = plural(following)
             after = out[i + 2] if i + 2 < len(out) else ""
             # "two black dogs": the noun comes later, `following` describes it
             described = after.endswith("s") and after not in ("is", "was", "has", "his", "this", "its")
-            if plural != following and plural in known and following in known and not described:
-                out[i + 1] = plural
+            if many != following and many in known and following in known and not described:
+                out[i + 1] = many
     return out
 
 

@@ -10,6 +10,15 @@ searched for the lemma that captions use most, where "use" is a phrase count in 
 given. The class's own lemmas win when captions use them at all (`ice bear` -> `polar bear`); a
 hypernym must be used clearly more often than the class's own words. Nothing more general than the
 words in STOP is taken: "animal", "device" or "object" say nothing a caption can use.
+
+`animals` lists, for every name a caption may give an animal (a word that WordNet's sense counts
+use more as an animal than as another noun or an adjective, or, where they do not tell, whose first
+noun sense is an animal: "bird",
+"cat", "bear", "retriever"; not "kite" or "young"), the animal classes it covers: those whose synset,
+or one of its hypernyms up to "animal", has it as a lemma. A caption's "bird" is then supported by
+every bird class, and not by a cheetah (captioner/naming.py). `not_animals`: two-word phrases the
+captions use that end in such a name but are a food or a made thing to WordNet ("hot dog", "teddy
+bear").
 """
 
 from __future__ import annotations
@@ -138,6 +147,48 @@ def everyday_word(wn, name: str, index: int, counts: Counter, levels: int = 4) -
         word_use, word, anchor = found
 
 
+def animal_names(wn, categories, words: list[str]) -> dict[str, list[int]]:
+    """Each name of an animal -> the animal classes it covers (see the module's docstring)."""
+    animal = wn.synset("animal.n.01")
+    covers: dict[str, set[int]] = {}
+    for index, name in enumerate(categories[:ANIMAL_CLASSES]):
+        synset = class_synset(wn, name, index)
+        up = [synset, *synset.closure(lambda s: s.hypernyms() + s.instance_hypernyms())] if synset else []
+        kinds = [s for s in up if s == animal or animal in s.closure(lambda h: h.hypernyms())]
+        names = {words[index]} | {lemma.name().replace("_", " ").lower() for s in kinds for lemma in s.lemmas()}
+        for word in names:
+            covers.setdefault(word, set()).add(index)
+
+    def names_an_animal(word: str) -> bool:
+        # verbs do not count against a noun ("bear", "duck"): captions use those words as nouns
+        lemmas = [lemma for lemma in wn.lemmas(word.replace(" ", "_")) if lemma.synset().pos() != "v"]
+        is_animal = [lemma.synset() == animal or lemma.synset().lexname() == "noun.animal" for lemma in lemmas]
+        as_animal = sum(lemma.count() for lemma, a in zip(lemmas, is_animal) if a)
+        otherwise = sum(lemma.count() for lemma, a in zip(lemmas, is_animal) if not a)
+        first_noun = next((a for lemma, a in zip(lemmas, is_animal) if lemma.synset().pos() == "n"), False)
+        return as_animal > otherwise or as_animal == otherwise and first_noun
+
+    # "kite" and "crane" are toys and machines in captions before they are birds, "young" an adjective
+    return {word: sorted(covers[word]) for word in sorted(covers) if names_an_animal(word)}
+
+
+def not_animals(wn, names: dict[str, list[int]], counts: Counter) -> list[str]:
+    """Two-word phrases the captions use that end in an animal's name but which WordNet knows as a
+    food or a made thing ("hot dog", "teddy bear"); not "little dog", whose only sense is a
+    constellation."""
+    found = set()
+    for phrase, n in counts.items():
+        first, _, last = phrase.partition(" ")
+        if not last or n < 2 or (last not in names and last[:-1] not in names):
+            continue
+        singular = f"{first} {last if last in names else last[:-1]}"
+        senses = wn.synsets(singular.replace(" ", "_"), pos=wn.NOUN)
+        kinds = {s.lexname() for s in senses}
+        if kinds & {"noun.food", "noun.artifact"} and "noun.animal" not in kinds:
+            found.add(singular)
+    return sorted(found)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("captions", nargs="+", type=Path, help="Flickr-format caption files (image#n<TAB>caption)")
@@ -148,9 +199,11 @@ def main(argv: list[str] | None = None) -> int:
     wn = wordnet()
     counts = phrase_counts(args.captions)
     words = [everyday_word(wn, name, i, counts) for i, name in enumerate(categories)]
+    animals = animal_names(wn, categories, words)
     args.out.write_text(json.dumps({"source": "WordNet 3.0 hypernyms, ranked by use in caption data "
-                                              "(data/imagenet_words.py)", "words": words}, indent=0) + "\n")
-    print(f"{args.out}: {len(set(words))} distinct words for {len(words)} classes")
+                                              "(data/imagenet_words.py)", "words": words, "animals": animals,
+                                    "not_animals": not_animals(wn, animals, counts)}, indent=0) + "\n")
+    print(f"{args.out}: {len(set(words))} distinct words for {len(words)} classes, {len(animals)} animal names")
     return 0
 
 
