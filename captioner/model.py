@@ -19,7 +19,7 @@ from .engines import build_engine, resolve_backend
 from .images import MAX_IMAGE_PIXELS, ImageError, ImageInput, ImageTransform, describe
 from .labels import Label, imagenet_classes, top_labels
 from .loading import image_batches
-from .naming import name_animal
+from .naming import name_animal, recognised_animals
 from .runtime import autocast_dtype
 from .vocab import Vocabulary
 
@@ -141,16 +141,18 @@ class Captioner:
                                   top_p=top_p, num_samples=num_samples, max_length=max_length, evidence=evidence)
         else:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
-        probs = [None] * len(raw)
+        probs, animals = [None] * len(raw), [None] * len(raw)
         if name_animals and self.encoder.num_classes == len(imagenet_classes()[0]):
             with torch.inference_mode():
                 probs = self.encoder.label_probs(self._pooled(features)).float().cpu()
-        return [[self._to_text(c, p) for c in per_image] for per_image, p in zip(raw, probs)]
+            animals = recognised_animals(probs)
+        return [[self._to_text(c, p, a) for c in per_image] for per_image, p, a in zip(raw, probs, animals)]
 
-    def _to_text(self, caption: decoding.Caption, label_probs: torch.Tensor | None = None) -> GeneratedCaption:
+    def _to_text(self, caption: decoding.Caption, label_probs: torch.Tensor | None = None,
+                 animal: tuple[str, float] | None = None) -> GeneratedCaption:
         words, renamed = self.vocab.words(caption.tokens), {}
         if label_probs is not None:
-            words, renamed = name_animal(words, label_probs)
+            words, renamed = name_animal(words, label_probs, animal)
         words, text = self.vocab.sentence(words)
         return GeneratedCaption(text, words, caption.logprob, caption.token_logprobs, caption.ended,
                                 caption.score, renamed)

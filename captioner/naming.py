@@ -37,21 +37,32 @@ def animal_names() -> tuple[dict[str, tuple[int, ...]], frozenset[str]]:
     return {word: tuple(classes) for word, classes in data["animals"].items()}, frozenset(data["not_animals"])
 
 
-def recognised_animal(probs: torch.Tensor) -> tuple[str, float]:
-    """1000 class probabilities -> the animal word whose classes have the most, and how much."""
+@functools.lru_cache(maxsize=1)
+def _animal_words() -> tuple[tuple[str, ...], torch.Tensor]:
+    """The distinct everyday words of the animal classes, and the 398 x words matrix that sums
+    each word's classes."""
     _, words = imagenet_classes()
-    by_word: dict[str, float] = {}
-    for word, p in zip(words[:ANIMAL_CLASSES], probs[:ANIMAL_CLASSES].tolist()):
-        by_word[word] = by_word.get(word, 0.0) + p
-    return max(by_word.items(), key=lambda item: item[1])
+    distinct = tuple(dict.fromkeys(words[:ANIMAL_CLASSES]))
+    sums = torch.zeros(ANIMAL_CLASSES, len(distinct))
+    sums[torch.arange(ANIMAL_CLASSES), torch.tensor([distinct.index(w) for w in words[:ANIMAL_CLASSES]])] = 1
+    return distinct, sums
 
 
-def name_animal(words: list[str], probs: torch.Tensor, present: float = PRESENT,
-                absent: float = ABSENT) -> tuple[list[str], dict[int, str]]:
+def recognised_animals(probs: torch.Tensor) -> list[tuple[str, float]]:
+    """B x 1000 class probabilities -> each image's animal word whose classes have the most, and
+    how much."""
+    distinct, sums = _animal_words()
+    support, index = (probs[:, :ANIMAL_CLASSES].float() @ sums).max(dim=1)
+    return [(distinct[i], p) for i, p in zip(index.tolist(), support.tolist())]
+
+
+def name_animal(words: list[str], probs: torch.Tensor, recognised: tuple[str, float] | None = None,
+                present: float = PRESENT, absent: float = ABSENT) -> tuple[list[str], dict[int, str]]:
     """A caption's words and its image's 1000 class probabilities -> the words with the caption's
     animal named as the classifier recognises it ("two dogs" -> "two polar bears"; a two-word name
-    stays one item), and {position: the word it replaced}."""
-    animal, support = recognised_animal(probs)
+    stays one item), and {position: the word it replaced}. `recognised`: the image's entry of
+    `recognised_animals`, where a batch has them already."""
+    animal, support = recognised or recognised_animals(probs[None])[0]
     text = f" {' '.join(words)} "
     if support < present or f" {animal} " in text or f" {plural(animal)} " in text:
         return words, {}
