@@ -39,15 +39,16 @@ def _add_decoding_options(p: argparse.ArgumentParser, default_method: str = "gre
 
 
 def _decoding_options(args) -> dict:
-    naming = {k: getattr(args, k) for k in ("evidence_weight", "evidence_threshold") if getattr(args, k) is not None}
-    naming["name_animals"] = args.name_animals
+    every_method = {k: getattr(args, k) for k in ("evidence_weight", "evidence_threshold")
+                    if getattr(args, k) is not None}
+    every_method["name_animals"] = args.name_animals
     if args.method == "beam":
         return {"beam_size": args.beam_size, "length_penalty": args.length_penalty,
-                "no_repeat_ngram_size": args.no_repeat_ngram_size, "max_length": args.max_length, **naming}
+                "no_repeat_ngram_size": args.no_repeat_ngram_size, "max_length": args.max_length, **every_method}
     if args.method == "sample":
         return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
-                "num_samples": args.num_samples, "max_length": args.max_length, **naming}
-    return {"max_length": args.max_length, **naming}
+                "num_samples": args.num_samples, "max_length": args.max_length, **every_method}
+    return {"max_length": args.max_length, **every_method}
 
 
 def _add_device_options(p: argparse.ArgumentParser) -> None:

@@ -32,7 +32,8 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-ANIMAL_CLASSES = 398  # ImageNet-1k's classes 0..397 are animals
+from captioner.hallucination import singular
+from captioner.naming import ANIMAL_CLASSES
 STOP = {"entity", "physical_entity", "object", "whole", "artifact", "instrumentality", "organism", "living_thing",
         "animal", "chordate", "vertebrate", "mammal", "placental", "device", "container", "covering", "commodity",
         "structure", "conveyance", "equipment", "implement", "matter", "substance", "food", "solid", "material",
@@ -179,13 +180,14 @@ def not_animals(wn, names: dict[str, list[int]], counts: Counter) -> list[str]:
     found = set()
     for phrase, n in counts.items():
         first, _, last = phrase.partition(" ")
-        if not last or n < 2 or (last not in names and last[:-1] not in names):
+        # as decoding looks a caption's word up: itself if it is a name, else its singular
+        name = last if last in names else singular(last)
+        if not last or n < 2 or name not in names:
             continue
-        singular = f"{first} {last if last in names else last[:-1]}"
-        senses = wn.synsets(singular.replace(" ", "_"), pos=wn.NOUN)
+        senses = wn.synsets(f"{first}_{name}", pos=wn.NOUN)
         kinds = {s.lexname() for s in senses}
         if kinds & {"noun.food", "noun.artifact"} and "noun.animal" not in kinds:
-            found.add(singular)
+            found.add(f"{first} {name}")
     return sorted(found)
 
 
