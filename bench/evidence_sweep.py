@@ -5,7 +5,8 @@ splits: each dataset's images are encoded once, then captioned with every settin
         --objects ../shared/data/coco_objects/synonyms.txt [--split val] [--weights 0,0.5,1,2] [--thresholds 0.3,0.5]
 
 Prints, per dataset and setting: BLEU-4, CIDEr, CHAIRs, CHAIRi, object recall, distinct words,
-distinct captions and captions cut mid-phrase (beam 3 unless --beam-size says otherwise).
+distinct captions, captions cut mid-phrase, and how many photos no reference puts a person in get a
+caption that does (beam 3 unless --beam-size says otherwise).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from captioner import Captioner  # noqa: E402
 from captioner.datasets import load_dataset  # noqa: E402
-from captioner.hallucination import ObjectTable, hallucination  # noqa: E402
+from captioner.hallucination import ObjectTable, hallucination, reference_objects  # noqa: E402
 from captioner.loading import image_batches  # noqa: E402
 from captioner.metrics import caption_stats, score_captions  # noqa: E402
 from captioner.runtime import keep_freed_memory  # noqa: E402
@@ -32,13 +33,15 @@ def floats(text: str) -> list[float]:
 
 
 def score_cells(predictions: dict, references: dict, ended: list, table: ObjectTable) -> str:
-    """BLEU-4 | CIDEr | CHAIRs | CHAIRi | recall | words | captions | cut, as table cells."""
+    """BLEU-4 | CIDEr | CHAIRs | CHAIRi | recall | words | captions | cut | person invented, as table cells."""
     scores = score_captions(predictions, references, metrics=("bleu", "cider"))
     h = hallucination(predictions, references, table)
     stats = caption_stats(list(predictions.values()), ended)
+    no_person = [key for key in predictions if "person" not in reference_objects(table, references[key])[0]]
+    invented = sum("person" in table.mentions(predictions[key]) for key in no_person)
     return (f"{scores['BLEU-4']:.2f} | {scores['CIDEr']:.2f} | {h['CHAIRs']:.1f} | {h['CHAIRi']:.1f} | "
             f"{h['object_recall']:.1f} | {stats['distinct_words']} | {stats['distinct_captions']} | "
-            f"{stats['cut_mid_phrase']}")
+            f"{stats['cut_mid_phrase']} | {invented} of {len(no_person)}")
 
 
 def main() -> int:
@@ -54,7 +57,8 @@ def main() -> int:
     keep_freed_memory()
     captioner = Captioner.from_pretrained(args.checkpoint)
     table = ObjectTable.load(args.objects)
-    print("dataset | weight | threshold | BLEU-4 | CIDEr | CHAIRs | CHAIRi | recall | words | captions | cut")
+    print("dataset | weight | threshold | BLEU-4 | CIDEr | CHAIRs | CHAIRi | recall | words | captions | cut | "
+          "person invented")
     for dataset in args.dataset:
         records = load_dataset(dataset).split(args.split)
         paths = [r.image for r in records]

@@ -30,6 +30,7 @@ def finetune(config: TrainConfig, encoder: Encoder, best_dir: Path, cache: dict,
     of a pass of the whole CNN over every image. `best/` is replaced only when validation CIDEr
     improves on phase 1's best."""
     _, decoder, _, _, saved = load_checkpoint(best_dir, device)
+    saved["training"]["recipe"] = dataclasses.asdict(config)  # the settings this phase ran with too
     best_cider = saved["training"]["val_CIDEr"]
     encoder = encoder.to(device)
     encoder.set_trainable_blocks(config.finetune_blocks)

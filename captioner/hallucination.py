@@ -93,6 +93,12 @@ class ObjectTable:
         return found
 
 
+def reference_objects(table: ObjectTable, references: Sequence[str], salient: int = 3) -> tuple[set[str], set[str]]:
+    """The objects any of an image's references name, and those at least `salient` of them name."""
+    named_by = Counter(obj for ref in references for obj in set(table.mentions(ref)))
+    return set(named_by), {obj for obj, n in named_by.items() if n >= salient}
+
+
 def hallucination(predictions: Mapping[str, str], references: Mapping[str, Sequence[str]], table: ObjectTable,
                   salient: int = 3) -> dict:
     """CHAIRs, CHAIRi and object recall (percentages) of `predictions` against `references`, with the
@@ -100,14 +106,13 @@ def hallucination(predictions: Mapping[str, str], references: Mapping[str, Seque
     mentions = hallucinated = bad_captions = recalled = salient_total = 0
     invented: Counter = Counter()
     for key, caption in predictions.items():
-        named_by = Counter(obj for ref in references[key] for obj in set(table.mentions(ref)))
+        present, wanted = reference_objects(table, references[key], salient)
         named = table.mentions(caption)
-        absent = [obj for obj in named if obj not in named_by]
+        absent = [obj for obj in named if obj not in present]
         mentions += len(named)
         hallucinated += len(absent)
         bad_captions += bool(absent)
         invented.update(absent)
-        wanted = {obj for obj, n in named_by.items() if n >= salient}
         salient_total += len(wanted)
         recalled += len(wanted & set(named))
     return {

@@ -81,12 +81,15 @@ class TrainConfig:
     self_critical_lr: float = 5e-5  # peak, warmup then cosine
     self_critical_samples: int = 5  # sampled captions per image; batch_size counts captions
     self_critical_xe_weight: float = 0.1  # adds this times the cross-entropy of a true caption per image
+    # > 0: a sampled caption's reward also gains this for each object most of its image's references
+    # name and loses it for each object none names (objects: the CHAIR table)
+    self_critical_object_weight: float = 0.0
     # decoding for validation (greedy, every epoch) and the final test report
     max_length: int = 20
     eval_beam_size: int = 3
     length_penalty: float = 0.0
     test_report: bool = True  # score best/ on the test split at the end
-    objects: str = ""  # CHAIR table (COCO objects and their words) for hallucination in the test report
+    objects: str = ""  # CHAIR table (COCO objects and their words): the test report's hallucination figures
     # machinery
     device: str = "auto"
     precision: str = "auto"  # auto: bf16/fp16 autocast where the hardware is native (CUDA, AMX CPUs); or fp32

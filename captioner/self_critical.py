@@ -13,6 +13,11 @@ misses the references' last n-grams; the cross-entropy of a true caption per ima
 (`self_critical_xe_weight`: on Flickr8k, without it the vocabulary halved and four times as many
 captions ended mid-phrase in three epochs, <end> counted or not); and a new `best/` is kept only
 if the validation captions keep their vocabulary and endings (`keeps_caption_quality`).
+
+CIDEr also pays for a common word whether or not it is true of the image, so captions keep naming
+the people a COCO-style scene usually has. With `self_critical_object_weight` and the CHAIR table,
+a sample's reward also counts the objects it names as CHAIR judges them (`ObjectReward`): the ones
+most of the image's references name earn, the ones none of them names cost.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from .batches import pad_batch
 from .checkpoint import load_checkpoint, save_checkpoint
 from .decoder import caption_loss, members_log_probs
 from .features import FeatureStore
+from .hallucination import ObjectTable, reference_objects
 from .optimization import grad_scaler, learning_rate, optimization_step
 from .runtime import autocast
 from .validation import log_epoch, save_phase_best, validate
@@ -74,6 +80,20 @@ class CiderD:
                     overlap = sum(min(v, ref[k].get(g, 0.0)) * ref[k].get(g, 0.0) for g, v in hyp[k].items())
                     total += penalty * overlap / (hyp_norms[k] * ref_norms[k])
         return 10.0 * total / (self.n * len(self.references[image]))
+
+
+class ObjectReward:
+    """What a caption earns for the objects it names, judged against its image's references as CHAIR
+    judges them: +1 for each object at least `salient` of them name, -1 for each mention of an
+    object none of them names."""
+
+    def __init__(self, table: ObjectTable, references: Sequence[Sequence[str]], salient: int = 3):
+        self.table = table
+        self.present, self.wanted = zip(*(reference_objects(table, refs, salient) for refs in references))
+
+    def score(self, image: int, caption: str) -> float:
+        named = self.table.mentions(caption)
+        return len(self.wanted[image] & set(named)) - sum(obj not in self.present[image] for obj in named)
 
 
 def references_by_image(owners: torch.Tensor, captions: list[list[int]], images: int) -> list[list[list[int]]]:
@@ -123,8 +143,13 @@ def self_critical(config, encoder, best_dir: Path, train_features: FeatureStore,
     epochs over the training images (a random view of each), `config.batch_size` sampled captions a
     step; `best/` is replaced when validation CIDEr improves and `keeps_caption_quality` holds."""
     _, decoder, _, _, saved = load_checkpoint(best_dir, device)
+    saved["training"]["recipe"] = dataclasses.asdict(config)  # the settings this phase ran with too
     references = references_by_image(owners, captions, train_features.size(1))
     cider = CiderD(references)
+    objects = None
+    if config.self_critical_object_weight:
+        objects = ObjectReward(ObjectTable.load(config.objects),
+                               [[" ".join(vocab.words(r)) for r in refs] for refs in references])
     start_val = validate(decoder, val_features, val_records, vocab, device, config)
     best_cider = start_val["CIDEr"]
     k = config.self_critical_samples
@@ -142,7 +167,7 @@ def self_critical(config, encoder, best_dir: Path, train_features: FeatureStore,
         order = torch.randperm(train_features.size(1), generator=generator)
         views = torch.randint(train_features.size(0), (len(order),), generator=generator)
         decoder.eval()  # dropout off: the sampled policy is the one whose gradient is taken
-        total_reward, seen = 0.0, 0
+        total_reward, total_objects, seen = 0.0, 0.0, 0
         bar = tqdm(range(steps_per_epoch), desc=f"self-critical {epoch}/{config.self_critical_epochs}", unit="batch")
         for local_step in bar:
             picked = order[local_step * images_per_step:(local_step + 1) * images_per_step]
@@ -155,6 +180,11 @@ def self_critical(config, encoder, best_dir: Path, train_features: FeatureStore,
             tokens, lengths = pad_batch([[START] + s for s in scored])
             owners_of = picked.repeat_interleave(k).tolist()
             rewards = torch.tensor([cider.score(i, s) for i, s in zip(owners_of, scored)]).view(-1, k)
+            if objects is not None:
+                named = torch.tensor([objects.score(i, " ".join(vocab.words(c.tokens)))
+                                      for i, captions in zip(picked.tolist(), samples) for c in captions])
+                rewards += config.self_critical_object_weight * named.view(-1, k)
+                total_objects += named.sum().item()
             advantage = advantages(rewards).view(-1).to(device)
             lr = learning_rate(schedule, step, total_steps, 1.0)
             for group in optimizer.param_groups:
@@ -186,6 +216,9 @@ def self_critical(config, encoder, best_dir: Path, train_features: FeatureStore,
         if improved:
             best_cider = val["CIDEr"]
             save_phase_best(best_dir, encoder, decoder, vocab, saved, "self_critical", epoch, best_cider, started)
-        log_epoch(metrics_path, {"epoch": epochs_done + epoch, "phase": "self-critical",
-                                 "train_reward": total_reward / max(1, seen), "lr": lr}, val, started, improved,
+        record = {"epoch": epochs_done + epoch, "phase": "self-critical", "train_reward": total_reward / max(1, seen),
+                  "lr": lr}
+        if objects is not None:  # the object term's mean: objects most references name, less absent ones named
+            record["train_objects"] = total_objects / max(1, seen)
+        log_epoch(metrics_path, record, val, started, improved,
                   note="" if kept else "  (captions narrowed: not kept)")

@@ -174,6 +174,8 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     if config.self_critical_epochs and config.finetune_blocks:
         raise ValueError("self_critical_epochs needs finetune_blocks = 0: the self-critical phase trains on the "
                          "frozen encoder's cached features")
+    if config.self_critical_epochs and config.self_critical_object_weight and not config.objects:
+        raise ValueError("self_critical_object_weight needs objects: the CHAIR table of objects and their words")
     rank, processes = world()
     device = setup_device(config)
     out = Path(config.output)

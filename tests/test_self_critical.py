@@ -8,7 +8,9 @@ from pycocoevalcap.cider.cider import Cider
 
 from captioner import Captioner
 from captioner.decoder import DecoderConfig, build_decoder
-from captioner.self_critical import CiderD, advantages, keeps_caption_quality, policy_loss, sequence_logprobs
+from captioner.hallucination import ObjectTable
+from captioner.self_critical import (CiderD, ObjectReward, advantages, keeps_caption_quality, policy_loss,
+                                     sequence_logprobs)
 from captioner.recipe import TrainConfig
 from captioner.training import train
 from captioner.vocab import END, START, tokenize
@@ -65,6 +67,19 @@ def test_a_policy_gradient_step_makes_the_better_sample_likelier_and_the_worse_o
     assert after[0] > before[0] and after[1] < before[1]
 
 
+def test_object_reward_pays_for_objects_most_references_name_and_charges_for_each_absent_one(tmp_path):
+    (tmp_path / "objects.txt").write_text("person, man, woman, lady, people\ndog, puppy\nbench\nelephant\n")
+    reward = ObjectReward(ObjectTable.load(tmp_path / "objects.txt"), REFERENCES[:4])
+    # image 0: a dog in all three references; image 3: a woman and a bench in all three
+    assert reward.score(0, "a dog runs on the grass") == 1
+    assert reward.score(0, "a man and his dog on a bench") == 1 - 2
+    assert reward.score(0, "two puppies and a dog") == 1  # one object, however often it is named
+    assert reward.score(3, "a woman sitting on a bench") == 2
+    assert reward.score(3, "a woman sitting") == 1
+    assert reward.score(2, "an elephant and an elephant") == -2  # each absent mention costs
+    assert reward.score(2, "children in the water") == 0  # "children" is not in this table
+
+
 def test_caption_quality_guard_refuses_a_narrower_vocabulary_or_more_cut_captions():
     reference = {"distinct_words": 400, "distinct_captions": 850, "cut_mid_phrase": 5, "hit_max_length": 0}
     assert keeps_caption_quality(dict(reference, distinct_words=380), reference)
@@ -85,6 +100,25 @@ def test_self_critical_phase_runs_after_the_decoder_and_keeps_a_loadable_best(ti
     assert (tmp_path / "run" / "curves.png").stat().st_size > 0
     captioner = Captioner.from_pretrained(best, device="cpu")
     assert isinstance(captioner.caption(tiny_dataset.parent / "red_circle.jpg"), str)
+
+
+def test_self_critical_phase_with_the_object_reward_logs_the_objects_its_samples_name(tiny_dataset, tmp_path):
+    (tmp_path / "objects.txt").write_text("circle\nsquare\ntriangle\nstripe\n")
+    train(tiny_config(tiny_dataset, tmp_path, epochs=2, self_critical_epochs=1, self_critical_lr=1e-3,
+                      self_critical_samples=2, batch_size=4, self_critical_object_weight=0.5,
+                      objects=str(tmp_path / "objects.txt")))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert "train_objects" not in rows[0]
+    # every sample names at most one shape its image has and loses 1 per other shape it names
+    assert -20 <= rows[-1]["train_objects"] <= 1
+    # the phase's checkpoint says which settings made it
+    saved = json.loads((tmp_path / "run" / "self-critical" / "config.json").read_text())
+    assert saved["training"]["recipe"]["self_critical_object_weight"] == 0.5
+
+
+def test_the_object_reward_needs_the_object_table(tmp_path):
+    with pytest.raises(ValueError, match="self_critical_object_weight needs objects"):
+        train(TrainConfig(output=str(tmp_path / "run"), self_critical_epochs=1, self_critical_object_weight=1.0))
 
 
 def test_self_critical_refuses_to_follow_fine_tuning(tmp_path):
