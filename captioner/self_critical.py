@@ -138,18 +138,19 @@ def keeps_caption_quality(candidate: dict, reference: dict, min_word_ratio: floa
 
 def self_critical(config, encoder, best_dir: Path, train_features: FeatureStore, owners: torch.Tensor,
                   captions: list[list[int]], val_features: torch.Tensor, val_records, vocab,
-                  device: torch.device, metrics_path: Path, epochs_done: int) -> None:
+                  device: torch.device, metrics_path: Path, epochs_done: int,
+                  object_table: ObjectTable | None = None) -> None:
     """Trains `best/`'s decoder with self-critical sequence training for `config.self_critical_epochs`
     epochs over the training images (a random view of each), `config.batch_size` sampled captions a
-    step; `best/` is replaced when validation CIDEr improves and `keeps_caption_quality` holds."""
+    step; `best/` is replaced when validation CIDEr improves and `keeps_caption_quality` holds. With
+    `object_table`, rewards add `config.self_critical_object_weight` x `ObjectReward`."""
     _, decoder, _, _, saved = load_checkpoint(best_dir, device)
     saved["training"]["recipe"] = dataclasses.asdict(config)  # the settings this phase ran with too
     references = references_by_image(owners, captions, train_features.size(1))
     cider = CiderD(references)
     objects = None
-    if config.self_critical_object_weight:
-        objects = ObjectReward(ObjectTable.load(config.objects),
-                               [[" ".join(vocab.words(r)) for r in refs] for refs in references])
+    if object_table is not None:
+        objects = ObjectReward(object_table, [[" ".join(vocab.words(r)) for r in refs] for refs in references])
     start_val = validate(decoder, val_features, val_records, vocab, device, config)
     best_cider = start_val["CIDEr"]
     k = config.self_critical_samples

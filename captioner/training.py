@@ -33,6 +33,7 @@ from .distributed import barrier, check_same_weights, log, setup_device, world
 from .encoders import build_encoder
 from .features import FeatureStore, cached_features
 from .finetune import finetune
+from .hallucination import ObjectTable
 from .labels import imagenet_classes
 from .optimization import grad_scaler, learning_rate, optimization_step
 from .recipe import TrainConfig
@@ -174,8 +175,11 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     if config.self_critical_epochs and config.finetune_blocks:
         raise ValueError("self_critical_epochs needs finetune_blocks = 0: the self-critical phase trains on the "
                          "frozen encoder's cached features")
-    if config.self_critical_epochs and config.self_critical_object_weight and not config.objects:
-        raise ValueError("self_critical_object_weight needs objects: the CHAIR table of objects and their words")
+    object_table = None
+    if config.self_critical_epochs and config.self_critical_object_weight:
+        if not config.objects:
+            raise ValueError("self_critical_object_weight needs objects: the CHAIR table of objects and their words")
+        object_table = ObjectTable.load(config.objects)  # a bad table fails now, not after the decoder trained
     rank, processes = world()
     device = setup_device(config)
     out = Path(config.output)
@@ -304,7 +308,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
         if processes > 1:
             raise ValueError("the self-critical phase runs in one process; start it without torchrun")
         self_critical(config, encoder, best_dir, train_features, owners, captions, val_features, val_records,
-                      vocab, device, metrics_path, progress["epoch"])
+                      vocab, device, metrics_path, progress["epoch"], object_table)
     if rank == 0 and config.test_report and dataset.split("test"):
         report_test(config, best_dir, out / "test")
     if dist.is_initialized():

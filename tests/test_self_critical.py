@@ -116,9 +116,13 @@ def test_self_critical_phase_with_the_object_reward_logs_the_objects_its_samples
     assert saved["training"]["recipe"]["self_critical_object_weight"] == 0.5
 
 
-def test_the_object_reward_needs_the_object_table(tmp_path):
+def test_the_object_reward_needs_a_readable_object_table_before_anything_trains(tmp_path):
     with pytest.raises(ValueError, match="self_critical_object_weight needs objects"):
         train(TrainConfig(output=str(tmp_path / "run"), self_critical_epochs=1, self_critical_object_weight=1.0))
+    with pytest.raises(ValueError, match="missing.txt: cannot read the object table"):
+        train(TrainConfig(output=str(tmp_path / "run"), self_critical_epochs=1, self_critical_object_weight=1.0,
+                          objects=str(tmp_path / "missing.txt")))
+    assert not (tmp_path / "run").exists()
 
 
 def test_self_critical_refuses_to_follow_fine_tuning(tmp_path):
