@@ -148,8 +148,8 @@ class Captioner:
             animals = recognised_animals(probs)
         return [[self._to_text(c, p, a) for c in per_image] for per_image, p, a in zip(raw, probs, animals)]
 
-    def _to_text(self, caption: decoding.Caption, label_probs: torch.Tensor | None = None,
-                 animal: tuple[str, float] | None = None) -> GeneratedCaption:
+    def _to_text(self, caption: decoding.Caption, label_probs: torch.Tensor | None,
+                 animal: tuple[str, float] | None) -> GeneratedCaption:
         words, renamed = self.vocab.words(caption.tokens), {}
         if label_probs is not None:
             words, renamed = name_animal(words, label_probs, animal)

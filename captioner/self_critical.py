@@ -148,9 +148,9 @@ def self_critical(config, encoder, best_dir: Path, train_features: FeatureStore,
     saved["training"]["recipe"] = dataclasses.asdict(config)  # the settings this phase ran with too
     references = references_by_image(owners, captions, train_features.size(1))
     cider = CiderD(references)
-    objects = None
+    object_reward = None
     if object_table is not None:
-        objects = ObjectReward(object_table, [[" ".join(vocab.words(r)) for r in refs] for refs in references])
+        object_reward = ObjectReward(object_table, [[" ".join(vocab.words(r)) for r in refs] for refs in references])
     start_val = validate(decoder, val_features, val_records, vocab, device, config)
     best_cider = start_val["CIDEr"]
     k = config.self_critical_samples
@@ -181,8 +181,8 @@ def self_critical(config, encoder, best_dir: Path, train_features: FeatureStore,
             tokens, lengths = pad_batch([[START] + s for s in scored])
             owners_of = picked.repeat_interleave(k).tolist()
             rewards = torch.tensor([cider.score(i, s) for i, s in zip(owners_of, scored)]).view(-1, k)
-            if objects is not None:
-                named = torch.tensor([objects.score(i, " ".join(vocab.words(c.tokens)))
+            if object_reward is not None:
+                named = torch.tensor([object_reward.score(i, " ".join(vocab.words(c.tokens)))
                                       for i, captions in zip(picked.tolist(), samples) for c in captions])
                 rewards += config.self_critical_object_weight * named.view(-1, k)
                 total_objects += named.sum().item()
@@ -219,7 +219,7 @@ def self_critical(config, encoder, best_dir: Path, train_features: FeatureStore,
             save_phase_best(best_dir, encoder, decoder, vocab, saved, "self_critical", epoch, best_cider, started)
         record = {"epoch": epochs_done + epoch, "phase": "self-critical", "train_reward": total_reward / max(1, seen),
                   "lr": lr}
-        if objects is not None:  # the object term's mean: objects most references name, less absent ones named
+        if object_reward is not None:  # the object term's mean: objects most references name, less absent ones named
             record["train_objects"] = total_objects / max(1, seen)
         log_epoch(metrics_path, record, val, started, improved,
                   note="" if kept else "  (captions narrowed: not kept)")
