@@ -2,11 +2,13 @@
 splits: each dataset's images are encoded once, then captioned with every setting side by side.
 
     python bench/evidence_sweep.py CHECKPOINT --dataset ../shared/data/coco_extra --dataset ../shared/data/flickr8k \
-        --objects ../shared/data/coco_objects/synonyms.txt [--split val] [--weights 0,0.5,1,2] [--thresholds 0.3,0.5]
+        --objects ../shared/data/coco_objects/synonyms.txt [--split val] [--weights 0,0.5,1,2] [--thresholds 0.3,0.5] \
+        [--person-weights 0,4]
 
 Prints, per dataset and setting: BLEU-4, CIDEr, CHAIRs, CHAIRi, object recall, distinct words,
 distinct captions, captions cut mid-phrase, and how many photos no reference puts a person in get a
-caption that does (beam 3 unless --beam-size says otherwise).
+caption that does (beam 3 unless --beam-size says otherwise). --person-weights sweeps the person
+penalty too, for a checkpoint with a person detector (the recipe's person_detector_from).
 """
 
 from __future__ import annotations
@@ -52,12 +54,15 @@ def main() -> int:
     parser.add_argument("--split", default="val")
     parser.add_argument("--weights", type=floats, default=[0.0, 0.5, 1.0, 2.0])
     parser.add_argument("--thresholds", type=floats, default=[0.5])
+    parser.add_argument("--person-weights", type=floats, default=None, help="default: the checkpoint's")
     parser.add_argument("--beam-size", type=int, default=3)
     args = parser.parse_args()
     keep_freed_memory()
     captioner = Captioner.from_pretrained(args.checkpoint)
     table = ObjectTable.load(args.objects)
-    print("dataset | weight | threshold | BLEU-4 | CIDEr | CHAIRs | CHAIRi | recall | words | captions | cut | "
+    if args.person_weights and not captioner.decoder.config.person_detector:
+        parser.error(f"--person-weights: {args.checkpoint} has no person detector")
+    print("dataset | weight | threshold | person weight | BLEU-4 | CIDEr | CHAIRs | CHAIRi | recall | words | captions | cut | "
           "person invented")
     for dataset in args.dataset:
         records = load_dataset(dataset).split(args.split)
@@ -65,15 +70,17 @@ def main() -> int:
         features = torch.cat([captioner.encode(pixels[0]) for _, pixels, _ in
                               image_batches(paths, captioner.transform, 50, 0)])
         references = {str(r.image): r.captions for r in records}
-        for weight, threshold in itertools.product(args.weights, args.thresholds):
+        for weight, threshold, person in itertools.product(args.weights, args.thresholds, args.person_weights or [None]):
             texts, ended = [], []
             for start in range(0, len(features), 250):
                 for [best, *_] in captioner.decode(features[start:start + 250], "beam", beam_size=args.beam_size,
-                                                   evidence_weight=weight, evidence_threshold=threshold):
+                                                   evidence_weight=weight, evidence_threshold=threshold,
+                                                   person_weight=person):
                     texts.append(best.text)
                     ended.append(best.ended)
             predictions = {str(p): t for p, t in zip(paths, texts)}
-            print(f"{Path(dataset).name} | {weight} | {threshold} | "
+            person = captioner.decoder.config.person_weight if person is None else person
+            print(f"{Path(dataset).name} | {weight} | {threshold} | {person} | "
                   f"{score_cells(predictions, references, ended, table)}", flush=True)
     return 0
 

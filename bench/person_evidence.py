@@ -9,9 +9,10 @@ a decode-time penalty on every person word, driven by that group detector, does 
         [--weights 0,2,4,8] [--threshold 0.3] [--detector-from coco_extra] [--seed 0]
 
 The CHAIR table (--objects) says which words name a person, and its ground truth (the objects the
-references name) is the detector's target. The group penalty comes on top of the checkpoint's own
-evidence setting: each person word loses weight * log(p_person / threshold) where p_person is
-below the threshold.
+references name) is the detector's target, fitted as the recipe's `person_detector_from` fits it
+(captioner/person_detector.py). The group penalty comes on top of the checkpoint's own evidence
+setting: each word that names a person loses weight * log(p_person / threshold) where p_person is
+below the threshold (the decoder's `person_weight`).
 """
 
 from __future__ import annotations
@@ -26,32 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from captioner import Captioner  # noqa: E402
 from captioner.datasets import load_dataset  # noqa: E402
+from captioner.decoder import pooled_image  # noqa: E402
 from captioner.hallucination import ObjectTable, singular  # noqa: E402
 from captioner.loading import image_batches  # noqa: E402
+from captioner.person_detector import (auc, fit_person_detector, person_word_ids, shows_person,  # noqa: E402
+                                       with_person_detector)
 from captioner.runtime import keep_freed_memory  # noqa: E402
 from evidence_sweep import score_cells  # noqa: E402  (bench/ is this script's folder)
-
-
-def auc(score: torch.Tensor, positive: torch.Tensor) -> float:
-    """Probability that a random positive outscores a random negative (ties count half)."""
-    pos, neg = score[positive], score[~positive]
-    return float((pos[:, None] > neg[None, :]).float().mean() + 0.5 * (pos[:, None] == neg[None, :]).float().mean())
-
-
-def fit_detector(pooled: torch.Tensor, target: torch.Tensor, epochs: int = 4, seed: int = 0):
-    """A logistic detector on standardised pooled features -> a function from pooled features to P."""
-    torch.manual_seed(seed)
-    mean, std = pooled.mean(0), pooled.std(0) + 1e-3
-    x, y = (pooled - mean) / std, target.float()[:, None]
-    head = torch.nn.Linear(x.size(1), 1)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=1e-2)
-    for _ in range(epochs):
-        for batch in torch.randperm(len(x)).split(128):
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(head(x[batch]), y[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    return lambda features: torch.sigmoid(head((features - mean) / std))[:, 0].detach()
 
 
 def main() -> int:
@@ -73,56 +55,38 @@ def main() -> int:
     table = ObjectTable.load(args.objects)
     concept_words = [vocab.itos[i] for i in decoder.concept_words.tolist()]
     person = torch.tensor([k for k, w in enumerate(concept_words) if table.words.get(singular(w)) == "person"])
-    person_ids = decoder.concept_words[person]
     print("person words among the concept detectors:", ", ".join(concept_words[k] for k in person))
-    image_dim = decoder.config.image_dim
 
     def encoded(records):
         features = torch.cat([captioner.encode(pixels[0]) for _, pixels, _ in
                               image_batches([r.image for r in records], captioner.transform, 50, 0)])
-        shows = torch.tensor([any("person" in table.mentions(c) for c in r.captions) for r in records])
-        return features.float(), shows
+        return features.float(), shows_person(records, table)
 
     train_features, train_shows, dev = [], [], []
     for dataset in args.dataset:
         data = load_dataset(dataset)
         if args.detector_from in (None, Path(dataset).name):
             features, shows = encoded(data.split("train"))
-            train_features.append(features[:, :image_dim])
+            train_features.append(pooled_image(features, decoder.config))
             train_shows.append(shows)
         dev.append((Path(dataset).name, data.split("val"), *encoded(data.split("val"))))
     if not train_features:
         parser.error(f"--detector-from {args.detector_from}: no --dataset of that name")
-    detector = fit_detector(torch.cat(train_features), torch.cat(train_shows), seed=args.seed)
-    dev = [(*d, detector(d[2][:, :image_dim])) for d in dev]  # + each photo's person probability
-
-    start = decoder.start
-    group = {"weight": 0.0, "p": None}
-
-    def start_with_group_penalty(features, *a, **k):
-        lstm_state, memory, bias = start(features, *a, **k)
-        if group["weight"] > 0:
-            extra = group["weight"] * torch.log(group["p"].clamp_min(1e-6) / args.threshold).clamp(max=0)
-            bias = bias.clone() if bias is not None else extra.new_zeros(1, len(extra), decoder.config.vocab_size)
-            bias[0, :, person_ids] += extra[:, None]
-        return lstm_state, memory, bias
-
-    decoder.start = start_with_group_penalty
+    direction, bias = fit_person_detector(torch.cat(train_features), torch.cat(train_shows), seed=args.seed)
+    captioner.decoder = decoder = with_person_detector(decoder, direction, bias, person_word_ids(vocab, table))
+    decoder.config.person_threshold = args.threshold
     print("dataset | images (no person) | AUC: word detectors max / noisy-or / group detector")
-    for name, records, features, shows, p_person in dev:
+    for name, records, features, shows in dev:
         words = torch.sigmoid(decoder.concept_logits(features)).detach()[:, person]
         print(f"{name} | {len(records)} ({int((~shows).sum())}) | {auc(words.max(1).values, shows):.3f} / "
-              f"{auc(1 - (1 - words).prod(1), shows):.3f} / {auc(p_person, shows):.3f}")
+              f"{auc(1 - (1 - words).prod(1), shows):.3f} / {auc(decoder.person_probability(features), shows):.3f}")
     print("dataset | group weight | BLEU-4 | CIDEr | CHAIRs | CHAIRi | recall | words | captions | cut | "
           "person invented (in photos without one)")
-    for name, records, features, _, p_person in dev:
+    for name, records, features, _ in dev:
         references = {str(r.image): r.captions for r in records}
-        group["p"] = p_person
         for weight in [float(w) for w in args.weights.split(",")]:
-            group["weight"] = weight
-            beams = captioner.decode(features, "beam", beam_size=args.beam_size)
-            texts = [b[0].text for b in beams]
-            predictions = {str(r.image): t for r, t in zip(records, texts)}
+            beams = captioner.decode(features, "beam", beam_size=args.beam_size, person_weight=weight)
+            predictions = {str(r.image): b[0].text for r, b in zip(records, beams)}
             print(f"{name} | {weight} | {score_cells(predictions, references, [b[0].ended for b in beams], table)}",
                   flush=True)
     return 0

@@ -34,12 +34,15 @@ def _add_decoding_options(p: argparse.ArgumentParser, default_method: str = "gre
                    help="penalty on object words the image does not support (default: the checkpoint's)")
     g.add_argument("--evidence-threshold", type=float, default=None,
                    help="support below which an object word is penalised (default: the checkpoint's)")
+    g.add_argument("--person-weight", type=float, default=None,
+                   help="penalty on words that name a person where the checkpoint's person detector sees "
+                        "none (default: the checkpoint's)")
     g.add_argument("--no-animal-names", dest="name_animals", action="store_false",
                    help="keep the decoder's animal word where the encoder's classifier is sure of another")
 
 
 def _decoding_options(args) -> dict:
-    every_method = {k: getattr(args, k) for k in ("evidence_weight", "evidence_threshold")
+    every_method = {k: getattr(args, k) for k in ("evidence_weight", "evidence_threshold", "person_weight")
                     if getattr(args, k) is not None}
     every_method["name_animals"] = args.name_animals
     if args.method == "beam":
@@ -202,7 +205,7 @@ def cmd_export(args) -> int:
     if args.members:
         captioner.decoder = keep_members(captioner.decoder, args.members)
         training["members_kept"] = args.members
-    for setting in ("evidence_weight", "evidence_threshold"):
+    for setting in ("evidence_weight", "evidence_threshold", "person_weight"):
         if getattr(args, setting) is not None:  # the decoding default the exported model carries
             setattr(captioner.decoder.config, setting, getattr(args, setting))
             training[setting] = getattr(args, setting)
@@ -335,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--evidence-weight", type=float, default=None,
                    help="the decoding default the exported model carries (see captioner caption --help)")
     p.add_argument("--evidence-threshold", type=float, default=None)
+    p.add_argument("--person-weight", type=float, default=None,
+                   help="the person penalty's weight the exported model carries (it needs a person detector: "
+                        "the recipe's person_detector_from)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("explain", help="per-word heat maps and word probabilities of one image's caption")

@@ -11,7 +11,13 @@ ImageNet class probabilities (carried after the pooled features) and its own con
 <start> (semantic attributes, Wu et al. and You et al., CVPR 2016); at decoding,
 `evidence_weight` > 0 also lowers each concept word's log-probability by
 `evidence_weight * log(support / evidence_threshold)` where its support (concept probability, or the
-probability of the ImageNet classes whose everyday word it is) is below the threshold."""
+probability of the ImageNet classes whose everyday word it is) is below the threshold.
+
+ImageNet has no person class, and the concept detectors, trained on every dataset at once, take a
+COCO-style scene for one with people in it. With `person_detector`, a logistic detector fitted on
+one dataset's photos after training (person_detector.py) says whether the photo shows people, and
+at decoding `person_weight` > 0 lowers every word that names a person by
+`person_weight * log(p / person_threshold)` where its probability p is below the threshold."""
 
 from __future__ import annotations
 
@@ -58,6 +64,11 @@ class DecoderConfig:
     # penalised (0: not at all). Captioner.decode can override both.
     evidence_weight: float = 0.0
     evidence_threshold: float = 0.5
+    # A person detector on the pooled image (fitted after training), and at decoding how strongly,
+    # below what probability, words that name a person are penalised (0: not at all).
+    person_detector: bool = False
+    person_weight: float = 0.0
+    person_threshold: float = 0.3
 
     def __post_init__(self):
         if self.image_feed not in IMAGE_FEEDS:
@@ -74,6 +85,8 @@ class DecoderConfig:
             raise ValueError("labels and concepts must be 0 (none) or positive")
         if not 0 < self.evidence_threshold <= 1:
             raise ValueError("evidence_threshold must be in (0, 1]")
+        if not 0 < self.person_threshold <= 1:
+            raise ValueError("person_threshold must be in (0, 1]")
 
     @property
     def image_dim(self) -> int:
@@ -131,6 +144,11 @@ class CaptionDecoder(nn.Module):
         # set by training, saved with the weights.
         self.register_buffer("concept_words", torch.full((c.concepts,), -1, dtype=torch.long) if c.concepts else None)
         self.register_buffer("label_words", torch.full((c.labels,), -1, dtype=torch.long) if c.labels else None)
+        # The person detector's weights and a 0/1 mask of the words that name a person: fitted after
+        # the decoder, so buffers, which no optimiser steps.
+        self.register_buffer("person_direction", torch.zeros(c.image_dim) if c.person_detector else None)
+        self.register_buffer("person_bias", torch.zeros(()) if c.person_detector else None)
+        self.register_buffer("person_words", torch.zeros(c.vocab_size) if c.person_detector else None)
         self.embed = nn.Embedding(c.vocab_size, c.embed_dim, padding_idx=0)
         self.lstm = nn.LSTM(c.embed_dim, c.hidden_dim, c.num_layers, batch_first=True,
                             dropout=c.dropout if c.num_layers > 1 else 0.0)
@@ -150,10 +168,21 @@ class CaptionDecoder(nn.Module):
         self.concept_words.copy_(concept_words)
         self.label_words.copy_(label_words)
 
+    def set_person_detector(self, direction: torch.Tensor, bias: float, words: torch.Tensor) -> None:
+        """P(person) = sigmoid(pooled image . direction + bias); `words`: the vocabulary ids of the
+        words that name a person."""
+        self.person_direction.copy_(direction)
+        self.person_bias.fill_(bias)
+        self.person_words.zero_()[words] = 1.0
+
+    def person_probability(self, features: torch.Tensor) -> torch.Tensor:
+        """B: the person detector's probability that the photo shows people."""
+        logit = pooled_image(features, self.config) @ self.person_direction.float() + self.person_bias.float()
+        return torch.sigmoid(logit)
+
     def concept_logits(self, features: torch.Tensor) -> torch.Tensor:
         """B x concepts logits of the concept detectors (trained on the caption words an image uses)."""
-        pooled = features.mean(dim=(2, 3)) if self.attention is not None else features
-        return self.concept_head(pooled[:, :self.config.image_dim].float())
+        return self.concept_head(pooled_image(features, self.config))
 
     def _project(self, features: torch.Tensor):
         """-> (h0, c0) each layers x B x H, the input steps before <start> (B x S x E, S >= 0), the
@@ -181,11 +210,21 @@ class CaptionDecoder(nn.Module):
         prefix = torch.cat(steps, dim=1) if steps else projected.new_zeros(batch, 0, c.embed_dim)
         return (h0, c0), prefix, memory, (label_probs if c.labels else None, concept_probs)
 
-    def evidence_bias(self, label_probs, concept_probs, weight: float, threshold: float) -> torch.Tensor | None:
+    def evidence_bias(self, features: torch.Tensor, label_probs, concept_probs, weight: float, threshold: float,
+                      person_weight: float) -> torch.Tensor | None:
         """B x V additions to the word logits: `weight * log(support / threshold)` for concept
-        words whose support is below `threshold`, 0 elsewhere; None when there is nothing to add."""
-        if weight <= 0 or concept_probs is None:
-            return None
+        words whose support is below `threshold`, and the person penalty on the words that name a
+        person; 0 elsewhere; None when there is nothing to add."""
+        bias = None
+        if weight > 0 and concept_probs is not None:
+            bias = self._concept_bias(label_probs, concept_probs, weight, threshold)
+        if person_weight > 0 and self.config.person_detector:
+            below = torch.log(self.person_probability(features).clamp_min(1e-6) / self.config.person_threshold)
+            person = person_weight * below.clamp(max=0)[:, None] * self.person_words.float()
+            bias = person if bias is None else bias + person
+        return bias
+
+    def _concept_bias(self, label_probs, concept_probs, weight: float, threshold: float) -> torch.Tensor:
         support = concept_probs.float()
         if label_probs is not None:
             mapped = self.label_words >= 0
@@ -270,7 +309,7 @@ class CaptionDecoder(nn.Module):
         return hs[-1], (torch.stack(hs), torch.stack(cs))
 
     def start(self, features: torch.Tensor, evidence_weight: float | None = None,
-              evidence_threshold: float | None = None):
+              evidence_threshold: float | None = None, person_weight: float | None = None):
         """The decoding state after seeing the image, ready for the <start> token: the LSTM's (h, c)
         (with the next recurrent gates W_hh h as a third part where `StepWeights.stacked` computes
         them), the attention memory (or None) and the evidence bias on the word logits (or None).
@@ -287,9 +326,10 @@ class CaptionDecoder(nn.Module):
             if weights.stacked is not None and features.size(0) <= STACKED_MAX_ROWS:
                 state = (*state, weights.product(state[0][0], weights.hidden)[None])
         c = self.config
-        bias = self.evidence_bias(label_probs, concept_probs,
+        bias = self.evidence_bias(features, label_probs, concept_probs,
                                   c.evidence_weight if evidence_weight is None else evidence_weight,
-                                  c.evidence_threshold if evidence_threshold is None else evidence_threshold)
+                                  c.evidence_threshold if evidence_threshold is None else evidence_threshold,
+                                  c.person_weight if person_weight is None else person_weight)
         return (state, None if memory is None else memory.transpose(0, 1),
                 None if bias is None else bias.unsqueeze(0))
 
@@ -372,13 +412,20 @@ class DecoderEnsemble(nn.Module):
         for m in self.members:
             m.set_evidence_words(concept_words, label_words)
 
+    def person_probability(self, features: torch.Tensor) -> torch.Tensor:
+        return self.members[0].person_probability(features)  # the members share one detector
+
     def concept_logits(self, features: torch.Tensor) -> torch.Tensor:
         """-> members x B x concepts."""
         return torch.stack([m.concept_logits(features) for m in self.members])
 
+    def set_person_detector(self, direction: torch.Tensor, bias: float, words: torch.Tensor) -> None:
+        for m in self.members:
+            m.set_person_detector(direction, bias, words)
+
     def start(self, features: torch.Tensor, evidence_weight: float | None = None,
-              evidence_threshold: float | None = None):
-        return tuple(m.start(features, evidence_weight, evidence_threshold) for m in self.members)
+              evidence_threshold: float | None = None, person_weight: float | None = None):
+        return tuple(m.start(features, evidence_weight, evidence_threshold, person_weight) for m in self.members)
 
     def step(self, tokens: torch.Tensor, state):
         outputs = [m.step(tokens, s) for m, s in zip(self.members, state)]
@@ -411,6 +458,12 @@ def keep_members(decoder: DecoderEnsemble, count: int) -> CaptionDecoder | Decod
         for mine, theirs in zip(smaller.members, decoder.members):
             mine.load_state_dict(theirs.state_dict())
     return smaller.eval()
+
+
+def pooled_image(features: torch.Tensor, config: DecoderConfig) -> torch.Tensor:
+    """B x image_dim: the image part of pooled features, or of a spatial map's mean."""
+    pooled = features.mean(dim=(2, 3)) if config.takes_map else features
+    return pooled[:, :config.image_dim].float()
 
 
 def build_decoder(config: DecoderConfig) -> CaptionDecoder | DecoderEnsemble:

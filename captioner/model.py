@@ -125,11 +125,14 @@ class Captioner:
                beam_size: int = 3, length_penalty: float = 0.0, no_repeat_ngram_size: int = 0,
                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, num_samples: int = 1,
                max_length: int = 20, evidence_weight: float | None = None,
-               evidence_threshold: float | None = None, name_animals: bool = True) -> list[list[GeneratedCaption]]:
+               evidence_threshold: float | None = None, person_weight: float | None = None,
+               name_animals: bool = True) -> list[list[GeneratedCaption]]:
         """`evidence_weight`/`evidence_threshold`: how object words the image does not support are
-        penalised (decoder.py); None keeps the checkpoint's own setting. `name_animals`: a caption
+        penalised, `person_weight`: how words that name a person are where the checkpoint's person
+        detector sees none (decoder.py); None keeps the checkpoint's own setting. `name_animals`: a caption
         that names the wrong animal takes the one the encoder's classifier is sure of (naming.py)."""
-        evidence = {"evidence_weight": evidence_weight, "evidence_threshold": evidence_threshold}
+        evidence = {"evidence_weight": evidence_weight, "evidence_threshold": evidence_threshold,
+                    "person_weight": person_weight}
         if method == "greedy":
             raw = decoding.greedy(self.decoder, features, max_length=max_length, evidence=evidence)
         elif method == "beam":

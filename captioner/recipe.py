@@ -88,8 +88,12 @@ class TrainConfig:
     max_length: int = 20
     eval_beam_size: int = 3
     length_penalty: float = 0.0
+    # optional last step: a person detector fitted on one dataset's training photos (its name; "": none)
+    # for a decode-time penalty on words that name a person (person_detector.py; the weight is set at
+    # export, as the evidence weight is)
+    person_detector_from: str = ""
     test_report: bool = True  # score best/ on the test split at the end
-    objects: str = ""  # CHAIR table (COCO objects and their words): the test report's hallucination figures
+    objects: str = ""  # CHAIR table (COCO objects and their words): reward, person words, the test report's figures
     # machinery
     device: str = "auto"
     precision: str = "auto"  # auto: bf16/fp16 autocast where the hardware is native (CUDA, AMX CPUs); or fp32

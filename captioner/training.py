@@ -36,6 +36,7 @@ from .finetune import finetune
 from .hallucination import ObjectTable
 from .labels import imagenet_classes
 from .optimization import grad_scaler, learning_rate, optimization_step
+from .person_detector import add_person_detector, detector_photos
 from .recipe import TrainConfig
 from .runtime import autocast
 from .self_critical import self_critical
@@ -175,10 +176,13 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     if config.self_critical_epochs and config.finetune_blocks:
         raise ValueError("self_critical_epochs needs finetune_blocks = 0: the self-critical phase trains on the "
                          "frozen encoder's cached features")
+    rewards_objects = bool(config.self_critical_epochs and config.self_critical_object_weight)
+    uses_table = [name for name, used in (("self_critical_object_weight", rewards_objects),
+                                          ("person_detector_from", config.person_detector_from)) if used]
     object_table = None
-    if config.self_critical_epochs and config.self_critical_object_weight:
+    if uses_table:
         if not config.objects:
-            raise ValueError("self_critical_object_weight needs objects: the CHAIR table of objects and their words")
+            raise ValueError(f"{uses_table[0]} needs objects: the CHAIR table of objects and their words")
         object_table = ObjectTable.load(config.objects)  # a bad table fails now, not after the decoder trained
     rank, processes = world()
     device = setup_device(config)
@@ -189,6 +193,8 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     (dataset, encoder, vocab, (train_records, train_features), (val_records, val_features), cache,
      split) = prepare(config, device)
 
+    if config.person_detector_from:
+        detector_photos(config.person_detector_from, train_records)  # a wrong name fails before training
     owners, captions = encode_captions(train_records, vocab, config.max_caption_length)
     # Seeded here, after feature extraction, which draws from the RNG only on a cache miss.
     torch.manual_seed(config.seed)
@@ -308,7 +314,9 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
         if processes > 1:
             raise ValueError("the self-critical phase runs in one process; start it without torchrun")
         self_critical(config, encoder, best_dir, train_features, owners, captions, val_features, val_records,
-                      vocab, device, metrics_path, progress["epoch"], object_table)
+                      vocab, device, metrics_path, progress["epoch"], object_table if rewards_objects else None)
+    if rank == 0 and config.person_detector_from:
+        add_person_detector(config, best_dir, train_records, train_features, val_records, val_features, object_table)
     if rank == 0 and config.test_report and dataset.split("test"):
         report_test(config, best_dir, out / "test")
     if dist.is_initialized():
