@@ -30,4 +30,4 @@ test: $(VENV)/.installed-test
 builtin-model: $(VENV)/.installed
 	$(PY) -m captioner train train/flickr8k_coco.toml
 	$(PY) -m captioner export runs/flickr8k_coco/best captioner/pretrained/flickr8k_coco --fp16 \
-		--evidence-weight 0.5 --evidence-threshold 0.5 --person-weight 4 --score runs/flickr8k_coco/builtin-test
+		--evidence-weight 0.5 --evidence-threshold 0.5 --person-weight 8 --score runs/flickr8k_coco/builtin-test

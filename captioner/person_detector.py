@@ -39,18 +39,20 @@ def person_word_ids(vocab: Vocabulary, table: ObjectTable) -> torch.Tensor:
                         dtype=torch.long)
 
 
-def fit_person_detector(pooled: torch.Tensor, shows: torch.Tensor, seed: int,
-                        epochs: int = 4) -> tuple[torch.Tensor, float]:
+def fit_person_detector(pooled: torch.Tensor, shows: torch.Tensor, seed: int, epochs: int = 20,
+                        lr: float = 1e-4) -> tuple[torch.Tensor, float]:
     """A logistic regression on standardised pooled features (N x D, N bools) -> (direction D, bias)
-    with the standardisation folded in: P(person) = sigmoid(pooled . direction + bias)."""
+    with the standardisation folded in: P(person) = sigmoid(pooled . direction + bias). It starts
+    from zero: a random start over 1,280 features is noise that a few thousand photos do not train
+    away (dev AUC on COCO photos 0.82 against 0.89; train/README.md). `seed` orders the batches."""
     generator = torch.Generator().manual_seed(seed)
     mean, std = pooled.mean(0), pooled.std(0) + 1e-3
     x, y = (pooled - mean) / std, shows.float()[:, None]
     head = torch.nn.Linear(x.size(1), 1)
     with torch.no_grad():
-        head.weight.normal_(0, x.size(1) ** -0.5, generator=generator)
+        head.weight.zero_()
         head.bias.zero_()
-    optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=1e-2)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-2)
     for _ in range(epochs):
         for batch in torch.randperm(len(x), generator=generator).split(128):
             loss = torch.nn.functional.binary_cross_entropy_with_logits(head(x[batch]), y[batch])

@@ -29,7 +29,7 @@ def test_the_fitted_detector_separates_people_with_its_standardisation_folded_in
     direction, bias = fit_person_detector(x[:2000], shows[:2000], seed=0)
     p = torch.sigmoid(x[2000:] @ direction + bias)  # the raw features: the standardisation is inside
     assert auc(p, shows[2000:]) > 0.95
-    assert p[shows[2000:]].mean() > 0.7 and p[~shows[2000:]].mean() < 0.3
+    assert p[shows[2000:]].mean() > 0.6 and p[~shows[2000:]].mean() < 0.4
     again, _ = fit_person_detector(x[:2000], shows[:2000], seed=0)
     assert torch.equal(direction, again)  # seeded: the same recipe fits the same detector
 
