@@ -24,9 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from captioner import Captioner  # noqa: E402
 from captioner.datasets import load_dataset  # noqa: E402
-from captioner.hallucination import ObjectTable, hallucination, reference_objects  # noqa: E402
+from captioner.hallucination import ObjectTable, hallucination  # noqa: E402
 from captioner.loading import image_batches  # noqa: E402
 from captioner.metrics import caption_stats, score_captions  # noqa: E402
+from captioner.person_detector import shows_person  # noqa: E402
 from captioner.runtime import keep_freed_memory  # noqa: E402
 
 
@@ -39,7 +40,8 @@ def score_cells(predictions: dict, references: dict, ended: list, table: ObjectT
     scores = score_captions(predictions, references, metrics=("bleu", "cider"))
     h = hallucination(predictions, references, table)
     stats = caption_stats(list(predictions.values()), ended)
-    no_person = [key for key in predictions if "person" not in reference_objects(table, references[key])[0]]
+    shows = shows_person([references[key] for key in predictions], table)
+    no_person = [key for key, person in zip(predictions, shows.tolist()) if not person]
     invented = sum("person" in table.mentions(predictions[key]) for key in no_person)
     return (f"{scores['BLEU-4']:.2f} | {scores['CIDEr']:.2f} | {h['CHAIRs']:.1f} | {h['CHAIRi']:.1f} | "
             f"{h['object_recall']:.1f} | {stats['distinct_words']} | {stats['distinct_captions']} | "

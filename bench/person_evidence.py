@@ -60,7 +60,7 @@ def main() -> int:
     def encoded(records):
         features = torch.cat([captioner.encode(pixels[0]) for _, pixels, _ in
                               image_batches([r.image for r in records], captioner.transform, 50, 0)])
-        return features.float(), shows_person(records, table)
+        return features.float(), shows_person([r.captions for r in records], table)
 
     train_features, train_shows, dev = [], [], []
     for dataset in args.dataset:

@@ -24,9 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from captioner import Captioner  # noqa: E402
 from captioner.datasets import load_dataset  # noqa: E402
-from captioner.hallucination import ObjectTable, hallucination, reference_objects  # noqa: E402
+from captioner.hallucination import ObjectTable, hallucination  # noqa: E402
 from captioner.loading import image_batches  # noqa: E402
 from captioner.metrics import score_captions  # noqa: E402
+from captioner.person_detector import shows_person  # noqa: E402
 from captioner.runtime import keep_freed_memory  # noqa: E402
 
 
@@ -42,7 +43,8 @@ def main() -> int:
     table = ObjectTable.load(args.objects)
     records = load_dataset(args.dataset).split(args.split)
     references = {str(r.image): r.captions for r in records}
-    without = {key for key, refs in references.items() if "person" not in reference_objects(table, refs)[0]}
+    shows = shows_person(list(references.values()), table)
+    without = {key for key, person in zip(references, shows.tolist()) if not person}
     groups = {"all": set(references), "with a person": set(references) - without, "without a person": without}
     print("checkpoint | photos | BLEU-4 | CIDEr | CHAIRs | CHAIRi | recall | most invented")
     for checkpoint in args.checkpoints:

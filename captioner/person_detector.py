@@ -21,16 +21,16 @@ from .datasets import ImageCaptions
 from .decoder import CaptionDecoder, build_decoder, pooled_image, set_step
 from .distributed import log
 from .features import FeatureStore
-from .hallucination import ObjectTable, singular
+from .hallucination import ObjectTable, reference_objects, singular
 from .vocab import Vocabulary
 
 PERSON = "person"  # the CHAIR table's name for the group
 PERSON_BUFFERS = ("person_direction", "person_bias", "person_words")  # the decoder's, set here
 
 
-def shows_person(records: Sequence[ImageCaptions], table: ObjectTable) -> torch.Tensor:
-    """One bool a record: whether any of its captions names a person."""
-    return torch.tensor([any(PERSON in table.mentions(c) for c in r.captions) for r in records])
+def shows_person(references: Sequence[Sequence[str]], table: ObjectTable) -> torch.Tensor:
+    """One bool an image: whether any of its references names a person (as CHAIR judges it)."""
+    return torch.tensor([PERSON in reference_objects(table, refs)[0] for refs in references], dtype=torch.bool)
 
 
 def person_word_ids(vocab: Vocabulary, table: ObjectTable) -> torch.Tensor:
@@ -100,7 +100,7 @@ def add_person_detector(config, best_dir: Path, train_records: Sequence[ImageCap
     name = config.person_detector_from
     picked = detector_photos(name, train_records)
     encoder, decoder, vocab, transform, saved = load_checkpoint(best_dir)
-    shows = shows_person([train_records[i] for i in picked], table)
+    shows = shows_person([train_records[i].captions for i in picked], table)
     direction, bias = fit_person_detector(pooled_image(train_features[0, torch.tensor(picked)], decoder.config),
                                           shows, config.seed)
     with_detector = with_person_detector(decoder, direction, bias, person_word_ids(vocab, table))
@@ -108,7 +108,7 @@ def add_person_detector(config, best_dir: Path, train_records: Sequence[ImageCap
     record = {"from": name, "photos": len(picked), "with_person": int(shows.sum()), "dev_AUC": {}}
     for part in sorted({r.dataset for r in val_records}):
         rows = torch.tensor([r.dataset == part for r in val_records])
-        truth = shows_person([r for r in val_records if r.dataset == part], table)
+        truth = shows_person([r.captions for r in val_records if r.dataset == part], table)
         if 0 < truth.sum() < len(truth):
             record["dev_AUC"][part] = round(auc(p[rows], truth), 3)
     log(f"person detector: fitted on {len(picked)} {name} photos ({record['with_person']} with a person); "

@@ -177,12 +177,11 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
         raise ValueError("self_critical_epochs needs finetune_blocks = 0: the self-critical phase trains on the "
                          "frozen encoder's cached features")
     rewards_objects = bool(config.self_critical_epochs and config.self_critical_object_weight)
-    uses_table = [name for name, used in (("self_critical_object_weight", rewards_objects),
-                                          ("person_detector_from", config.person_detector_from)) if used]
     object_table = None
-    if uses_table:
+    if rewards_objects or config.person_detector_from:
         if not config.objects:
-            raise ValueError(f"{uses_table[0]} needs objects: the CHAIR table of objects and their words")
+            setting = "self_critical_object_weight" if rewards_objects else "person_detector_from"
+            raise ValueError(f"{setting} needs objects: the CHAIR table of objects and their words")
         object_table = ObjectTable.load(config.objects)  # a bad table fails now, not after the decoder trained
     rank, processes = world()
     device = setup_device(config)
