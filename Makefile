@@ -25,9 +25,10 @@ test: $(VENV)/.installed-test
 
 # Retrains the built-in model with train/flickr8k_coco.toml (needs ../shared's Flickr8k and
 # coco_extra; about 41 minutes on 2 cores) and packs its best checkpoint into the package in fp16
-# (23 MiB) with the decode-time evidence and person settings chosen on the dev splits, scored again on both
+# (23 MiB) with the decode-time evidence and detector settings chosen on the dev splits, scored again on both
 # test splits.
 builtin-model: $(VENV)/.installed
 	$(PY) -m captioner train train/flickr8k_coco.toml
 	$(PY) -m captioner export runs/flickr8k_coco/best captioner/pretrained/flickr8k_coco --fp16 \
-		--evidence-weight 0.5 --evidence-threshold 0.5 --person-weight 8 --score runs/flickr8k_coco/builtin-test
+		--evidence-weight 0.5 --evidence-threshold 0.5 --person-weight 8 \
+		--object-weight 1 --object-threshold 0.2 --score runs/flickr8k_coco/builtin-test

@@ -3,12 +3,14 @@ splits: each dataset's images are encoded once, then captioned with every settin
 
     python bench/evidence_sweep.py CHECKPOINT --dataset ../shared/data/coco_extra --dataset ../shared/data/flickr8k \
         --objects ../shared/data/coco_objects/synonyms.txt [--split val] [--weights 0,0.5,1,2] [--thresholds 0.3,0.5] \
-        [--person-weights 0,4]
+        [--person-weights 0,4] [--object-weights 0,2] [--object-thresholds 0.3,0.5]
 
 Prints, per dataset and setting: BLEU-4, CIDEr, CHAIRs, CHAIRi, object recall, distinct words,
 distinct captions, captions cut mid-phrase, and how many photos no reference puts a person in get a
 caption that does (beam 3 unless --beam-size says otherwise). --person-weights sweeps the person
-penalty too, for a checkpoint with a person detector (the recipe's person_detector_from).
+penalty too, for a checkpoint with a person detector (the recipe's person_detector_from), and
+--object-weights / --object-thresholds the object detectors' (object_detector_photos); what is not
+swept keeps the checkpoint's setting.
 """
 
 from __future__ import annotations
@@ -24,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from captioner import Captioner  # noqa: E402
 from captioner.datasets import load_dataset  # noqa: E402
+from captioner.detectors import shows_person  # noqa: E402
 from captioner.hallucination import ObjectTable, hallucination  # noqa: E402
 from captioner.loading import image_batches  # noqa: E402
 from captioner.metrics import caption_stats, score_captions  # noqa: E402
-from captioner.person_detector import shows_person  # noqa: E402
 from captioner.runtime import keep_freed_memory  # noqa: E402
 
 
@@ -57,32 +59,40 @@ def main() -> int:
     parser.add_argument("--weights", type=floats, default=[0.0, 0.5, 1.0, 2.0])
     parser.add_argument("--thresholds", type=floats, default=[0.5])
     parser.add_argument("--person-weights", type=floats, default=None, help="default: the checkpoint's")
+    parser.add_argument("--object-weights", type=floats, default=None, help="default: the checkpoint's")
+    parser.add_argument("--object-thresholds", type=floats, default=None, help="default: the checkpoint's")
     parser.add_argument("--beam-size", type=int, default=3)
     args = parser.parse_args()
     keep_freed_memory()
     captioner = Captioner.from_pretrained(args.checkpoint)
     table = ObjectTable.load(args.objects)
-    if args.person_weights and not captioner.decoder.config.person_detector:
+    config = captioner.decoder.config
+    if args.person_weights and not config.person_detector:
         parser.error(f"--person-weights: {args.checkpoint} has no person detector")
-    print("dataset | weight | threshold | person weight | BLEU-4 | CIDEr | CHAIRs | CHAIRi | recall | words | captions | cut | "
-          "person invented")
+    if (args.object_weights or args.object_thresholds) and not config.object_detectors:
+        parser.error(f"--object-weights, --object-thresholds: {args.checkpoint} has no object detectors")
+    grid = {"evidence_weight": args.weights, "evidence_threshold": args.thresholds,
+            "person_weight": args.person_weights or [config.person_weight],
+            "object_weight": args.object_weights or [config.object_weight],
+            "object_threshold": args.object_thresholds or [config.object_threshold]}
+    print("dataset | weight | threshold | person weight | object weight / threshold | BLEU-4 | CIDEr | CHAIRs | "
+          "CHAIRi | recall | words | captions | cut | person invented")
     for dataset in args.dataset:
         records = load_dataset(dataset).split(args.split)
         paths = [r.image for r in records]
         features = torch.cat([captioner.encode(pixels[0]) for _, pixels, _ in
                               image_batches(paths, captioner.transform, 50, 0)])
         references = {str(r.image): r.captions for r in records}
-        for weight, threshold, person in itertools.product(args.weights, args.thresholds, args.person_weights or [None]):
+        for values in itertools.product(*grid.values()):
+            setting = dict(zip(grid, values))
             texts, ended = [], []
             for start in range(0, len(features), 250):
                 for [best, *_] in captioner.decode(features[start:start + 250], "beam", beam_size=args.beam_size,
-                                                   evidence_weight=weight, evidence_threshold=threshold,
-                                                   person_weight=person):
+                                                   **setting):
                     texts.append(best.text)
                     ended.append(best.ended)
             predictions = {str(p): t for p, t in zip(paths, texts)}
-            person = captioner.decoder.config.person_weight if person is None else person
-            print(f"{Path(dataset).name} | {weight} | {threshold} | {person} | "
+            print(f"{Path(dataset).name} | {values[0]} | {values[1]} | {values[2]} | {values[3]} / {values[4]} | "
                   f"{score_cells(predictions, references, ended, table)}", flush=True)
     return 0
 

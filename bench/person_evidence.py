@@ -10,7 +10,7 @@ a decode-time penalty on every person word, driven by that group detector, does 
 
 The CHAIR table (--objects) says which words name a person, and its ground truth (the objects the
 references name) is the detector's target, fitted as the recipe's `person_detector_from` fits it
-(captioner/person_detector.py). The group penalty comes on top of the checkpoint's own evidence
+(captioner/detectors.py). The group penalty comes on top of the checkpoint's own evidence
 setting: each word that names a person loses weight * log(p_person / threshold) where p_person is
 below the threshold (the decoder's `person_weight`).
 """
@@ -28,10 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from captioner import Captioner  # noqa: E402
 from captioner.datasets import load_dataset  # noqa: E402
 from captioner.decoder import pooled_image  # noqa: E402
+from captioner.detectors import (auc, fit_person_detector, person_word_ids, shows_person,  # noqa: E402
+                                 with_detectors)
 from captioner.hallucination import ObjectTable, singular  # noqa: E402
 from captioner.loading import image_batches  # noqa: E402
-from captioner.person_detector import (auc, fit_person_detector, person_word_ids, shows_person,  # noqa: E402
-                                       with_person_detector)
 from captioner.runtime import keep_freed_memory  # noqa: E402
 from evidence_sweep import score_cells  # noqa: E402  (bench/ is this script's folder)
 
@@ -73,7 +73,7 @@ def main() -> int:
     if not train_features:
         parser.error(f"--detector-from {args.detector_from}: no --dataset of that name")
     direction, bias = fit_person_detector(torch.cat(train_features), torch.cat(train_shows), seed=args.seed)
-    captioner.decoder = decoder = with_person_detector(decoder, direction, bias, person_word_ids(vocab, table))
+    captioner.decoder = decoder = with_detectors(decoder, person=(direction, bias, person_word_ids(vocab, table)))
     decoder.config.person_threshold = args.threshold
     print("dataset | images (no person) | AUC: word detectors max / noisy-or / group detector")
     for name, records, features, shows in dev:

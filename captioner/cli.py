@@ -12,6 +12,9 @@ from pathlib import Path
 from .engines import BACKENDS
 from .runtime import PRECISIONS, keep_freed_memory
 
+# the decoder's decoding settings a command line can override, and an export can set as the default
+DECODING_DEFAULTS = ("evidence_weight", "evidence_threshold", "person_weight", "object_weight", "object_threshold")
+
 EXIT_OK, EXIT_USAGE, EXIT_SOME_FAILED = 0, 1, 2
 
 
@@ -37,12 +40,18 @@ def _add_decoding_options(p: argparse.ArgumentParser, default_method: str = "gre
     g.add_argument("--person-weight", type=float, default=None,
                    help="penalty on words that name a person where the checkpoint's person detector sees "
                         "none (default: the checkpoint's)")
+    g.add_argument("--object-weight", type=float, default=None,
+                   help="penalty on words that name an object where the checkpoint's detector for it doubts "
+                        "it (default: the checkpoint's)")
+    g.add_argument("--object-threshold", type=float, default=None,
+                   help="an object detector's probability below which its words are penalised (default: the "
+                        "checkpoint's)")
     g.add_argument("--no-animal-names", dest="name_animals", action="store_false",
                    help="keep the decoder's animal word where the encoder's classifier is sure of another")
 
 
 def _decoding_options(args) -> dict:
-    every_method = {k: getattr(args, k) for k in ("evidence_weight", "evidence_threshold", "person_weight")
+    every_method = {k: getattr(args, k) for k in DECODING_DEFAULTS
                     if getattr(args, k) is not None}
     every_method["name_animals"] = args.name_animals
     if args.method == "beam":
@@ -205,7 +214,7 @@ def cmd_export(args) -> int:
     if args.members:
         captioner.decoder = keep_members(captioner.decoder, args.members)
         training["members_kept"] = args.members
-    for setting in ("evidence_weight", "evidence_threshold", "person_weight"):
+    for setting in DECODING_DEFAULTS:
         if getattr(args, setting) is not None:  # the decoding default the exported model carries
             setattr(captioner.decoder.config, setting, getattr(args, setting))
             training[setting] = getattr(args, setting)
@@ -341,6 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--person-weight", type=float, default=None,
                    help="the person penalty's weight the exported model carries (it needs a person detector: "
                         "the recipe's person_detector_from)")
+    p.add_argument("--object-weight", type=float, default=None,
+                   help="the object penalty's weight the exported model carries (it needs object detectors: "
+                        "the recipe's object_detector_photos)")
+    p.add_argument("--object-threshold", type=float, default=None)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("explain", help="per-word heat maps and word probabilities of one image's caption")

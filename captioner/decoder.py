@@ -15,9 +15,15 @@ probability of the ImageNet classes whose everyday word it is) is below the thre
 
 ImageNet has no person class, and the concept detectors, trained on every dataset at once, take a
 COCO-style scene for one with people in it. With `person_detector`, a logistic detector fitted on
-one dataset's photos after training (person_detector.py) says whether the photo shows people, and
+one dataset's photos after training (detectors.py) says whether the photo shows people, and
 at decoding `person_weight` > 0 lowers every word that names a person by
-`person_weight * log(p / person_threshold)` where its probability p is below the threshold."""
+`person_weight * log(p / person_threshold)` where its probability p is below the threshold.
+With `object_detectors`, a calibrated detector for each of those objects of the CHAIR table (fitted
+on every training photo after training) lowers the words that name it the same way, by
+`object_weight * log(p / object_threshold)`: unlike the concept penalty, only object words are
+touched, so the captions lose objects that are not there and keep their other words. An animal's
+detector stands down where the encoder's classifier is sure some animal is there: a decoder that
+never read "cheetah" calls one "a dog", and which animal it is, the classifier says (naming.py)."""
 
 from __future__ import annotations
 
@@ -28,6 +34,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from .naming import ANIMAL_CLASSES, PRESENT
 
 IMAGE_FEEDS = ("state", "input", "both")
 # With one layer and nothing between the LSTM and the output layer, the output layer and W_hh
@@ -69,6 +77,11 @@ class DecoderConfig:
     person_detector: bool = False
     person_weight: float = 0.0
     person_threshold: float = 0.3
+    # Detectors for these objects (names from the CHAIR table; fitted after training), and at
+    # decoding how strongly, below what probability, the words that name each are penalised.
+    object_detectors: tuple[str, ...] = ()
+    object_weight: float = 0.0
+    object_threshold: float = 0.3
 
     def __post_init__(self):
         if self.image_feed not in IMAGE_FEEDS:
@@ -85,8 +98,10 @@ class DecoderConfig:
             raise ValueError("labels and concepts must be 0 (none) or positive")
         if not 0 < self.evidence_threshold <= 1:
             raise ValueError("evidence_threshold must be in (0, 1]")
-        if not 0 < self.person_threshold <= 1:
-            raise ValueError("person_threshold must be in (0, 1]")
+        for name in ("person_threshold", "object_threshold"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in (0, 1]")
+        self.object_detectors = tuple(self.object_detectors)  # a list when read from JSON
 
     @property
     def image_dim(self) -> int:
@@ -149,6 +164,11 @@ class CaptionDecoder(nn.Module):
         self.register_buffer("person_direction", torch.zeros(c.image_dim) if c.person_detector else None)
         self.register_buffer("person_bias", torch.zeros(()) if c.person_detector else None)
         self.register_buffer("person_words", torch.zeros(c.vocab_size) if c.person_detector else None)
+        k = len(c.object_detectors)  # and for the objects, one row each
+        self.register_buffer("object_directions", torch.zeros(k, c.image_dim) if k else None)
+        self.register_buffer("object_biases", torch.zeros(k) if k else None)
+        self.register_buffer("object_words", torch.zeros(k, c.vocab_size) if k else None)
+        self.register_buffer("object_animals", torch.zeros(k) if k else None)  # 1: the object is an animal
         self.embed = nn.Embedding(c.vocab_size, c.embed_dim, padding_idx=0)
         self.lstm = nn.LSTM(c.embed_dim, c.hidden_dim, c.num_layers, batch_first=True,
                             dropout=c.dropout if c.num_layers > 1 else 0.0)
@@ -179,6 +199,20 @@ class CaptionDecoder(nn.Module):
         """B: the person detector's probability that the photo shows people."""
         logit = pooled_image(features, self.config) @ self.person_direction.float() + self.person_bias.float()
         return torch.sigmoid(logit)
+
+    def set_object_detectors(self, directions: torch.Tensor, biases: torch.Tensor, words: torch.Tensor,
+                             animals: torch.Tensor) -> None:
+        """P(object k) = sigmoid(pooled image . directions[k] + biases[k]); `words`: K x V, 1 where a
+        word names object k; `animals`: K, 1 where object k is an animal."""
+        self.object_directions.copy_(directions)
+        self.object_biases.copy_(biases)
+        self.object_words.copy_(words)
+        self.object_animals.copy_(animals)
+
+    def object_probabilities(self, features: torch.Tensor) -> torch.Tensor:
+        """B x K: each object detector's probability that the photo shows its object."""
+        logits = pooled_image(features, self.config) @ self.object_directions.float().T + self.object_biases.float()
+        return torch.sigmoid(logits)
 
     def concept_logits(self, features: torch.Tensor) -> torch.Tensor:
         """B x concepts logits of the concept detectors (trained on the caption words an image uses)."""
@@ -211,18 +245,24 @@ class CaptionDecoder(nn.Module):
         return (h0, c0), prefix, memory, (label_probs if c.labels else None, concept_probs)
 
     def evidence_bias(self, features: torch.Tensor, label_probs, concept_probs, weight: float, threshold: float,
-                      person_weight: float) -> torch.Tensor | None:
+                      person_weight: float, object_weight: float, object_threshold: float) -> torch.Tensor | None:
         """B x V additions to the word logits: `weight * log(support / threshold)` for concept
-        words whose support is below `threshold`, and the person penalty on the words that name a
-        person; 0 elsewhere; None when there is nothing to add."""
-        bias = None
+        words whose support is below `threshold`, and the person and object detectors' penalties on
+        the words that name their objects; 0 elsewhere; None when there is nothing to add."""
+        c = self.config
+        terms = []
         if weight > 0 and concept_probs is not None:
-            bias = self._concept_bias(label_probs, concept_probs, weight, threshold)
-        if person_weight > 0 and self.config.person_detector:
-            below = torch.log(self.person_probability(features).clamp_min(1e-6) / self.config.person_threshold)
-            person = person_weight * below.clamp(max=0)[:, None] * self.person_words.float()
-            bias = person if bias is None else bias + person
-        return bias
+            terms.append(self._concept_bias(label_probs, concept_probs, weight, threshold))
+        if person_weight > 0 and c.person_detector:
+            terms.append(detector_penalty(self.person_probability(features)[:, None], c.person_threshold,
+                                          person_weight, self.person_words[None]))
+        if object_weight > 0 and c.object_detectors:
+            probs = self.object_probabilities(features)
+            if label_probs is not None:
+                sure = label_probs[:, :ANIMAL_CLASSES].float().sum(1, keepdim=True) >= PRESENT
+                probs = torch.where(sure & self.object_animals.bool(), torch.ones_like(probs), probs)
+            terms.append(detector_penalty(probs, object_threshold, object_weight, self.object_words))
+        return sum(terms) if terms else None
 
     def _concept_bias(self, label_probs, concept_probs, weight: float, threshold: float) -> torch.Tensor:
         support = concept_probs.float()
@@ -309,7 +349,8 @@ class CaptionDecoder(nn.Module):
         return hs[-1], (torch.stack(hs), torch.stack(cs))
 
     def start(self, features: torch.Tensor, evidence_weight: float | None = None,
-              evidence_threshold: float | None = None, person_weight: float | None = None):
+              evidence_threshold: float | None = None, person_weight: float | None = None,
+              object_weight: float | None = None, object_threshold: float | None = None):
         """The decoding state after seeing the image, ready for the <start> token: the LSTM's (h, c)
         (with the next recurrent gates W_hh h as a third part where `StepWeights.stacked` computes
         them), the attention memory (or None) and the evidence bias on the word logits (or None).
@@ -329,7 +370,9 @@ class CaptionDecoder(nn.Module):
         bias = self.evidence_bias(features, label_probs, concept_probs,
                                   c.evidence_weight if evidence_weight is None else evidence_weight,
                                   c.evidence_threshold if evidence_threshold is None else evidence_threshold,
-                                  c.person_weight if person_weight is None else person_weight)
+                                  c.person_weight if person_weight is None else person_weight,
+                                  c.object_weight if object_weight is None else object_weight,
+                                  c.object_threshold if object_threshold is None else object_threshold)
         return (state, None if memory is None else memory.transpose(0, 1),
                 None if bias is None else bias.unsqueeze(0))
 
@@ -419,17 +462,33 @@ class DecoderEnsemble(nn.Module):
         """-> members x B x concepts."""
         return torch.stack([m.concept_logits(features) for m in self.members])
 
+    def object_probabilities(self, features: torch.Tensor) -> torch.Tensor:
+        return self.members[0].object_probabilities(features)
+
     def set_person_detector(self, direction: torch.Tensor, bias: float, words: torch.Tensor) -> None:
         for m in self.members:
             m.set_person_detector(direction, bias, words)
 
+    def set_object_detectors(self, directions: torch.Tensor, biases: torch.Tensor, words: torch.Tensor,
+                             animals: torch.Tensor) -> None:
+        for m in self.members:
+            m.set_object_detectors(directions, biases, words, animals)
+
     def start(self, features: torch.Tensor, evidence_weight: float | None = None,
-              evidence_threshold: float | None = None, person_weight: float | None = None):
-        return tuple(m.start(features, evidence_weight, evidence_threshold, person_weight) for m in self.members)
+              evidence_threshold: float | None = None, person_weight: float | None = None,
+              object_weight: float | None = None, object_threshold: float | None = None):
+        return tuple(m.start(features, evidence_weight, evidence_threshold, person_weight, object_weight,
+                             object_threshold) for m in self.members)
 
     def step(self, tokens: torch.Tensor, state):
         outputs = [m.step(tokens, s) for m, s in zip(self.members, state)]
         return members_log_probs(torch.stack([logits for logits, _ in outputs])), tuple(s for _, s in outputs)
+
+
+def detector_penalty(probs: torch.Tensor, threshold: float, weight: float, words: torch.Tensor) -> torch.Tensor:
+    """B x K detector probabilities, K x V word masks -> B x V: `weight * log(p / threshold)` on the
+    words of each detector whose p is below the threshold."""
+    return weight * torch.log(probs.clamp_min(1e-6) / threshold).clamp(max=0) @ words.float()
 
 
 def set_step(decoder: nn.Module, fold: bool = True, dtype: torch.dtype = torch.float32) -> None:

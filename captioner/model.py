@@ -126,13 +126,16 @@ class Captioner:
                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, num_samples: int = 1,
                max_length: int = 20, evidence_weight: float | None = None,
                evidence_threshold: float | None = None, person_weight: float | None = None,
+               object_weight: float | None = None, object_threshold: float | None = None,
                name_animals: bool = True) -> list[list[GeneratedCaption]]:
         """`evidence_weight`/`evidence_threshold`: how object words the image does not support are
         penalised, `person_weight`: how words that name a person are where the checkpoint's person
-        detector sees none (decoder.py); None keeps the checkpoint's own setting. `name_animals`: a caption
+        detector sees none, `object_weight`/`object_threshold`: how words that name another object
+        are where its detector doubts it (decoder.py); None keeps the checkpoint's own setting. `name_animals`: a caption
         that names the wrong animal takes the one the encoder's classifier is sure of (naming.py)."""
         evidence = {"evidence_weight": evidence_weight, "evidence_threshold": evidence_threshold,
-                    "person_weight": person_weight}
+                    "person_weight": person_weight, "object_weight": object_weight,
+                    "object_threshold": object_threshold}
         if method == "greedy":
             raw = decoding.greedy(self.decoder, features, max_length=max_length, evidence=evidence)
         elif method == "beam":

@@ -88,12 +88,14 @@ class TrainConfig:
     max_length: int = 20
     eval_beam_size: int = 3
     length_penalty: float = 0.0
-    # optional last step: a person detector fitted on one dataset's training photos (its name; "": none)
-    # for a decode-time penalty on words that name a person (person_detector.py; the weight is set at
-    # export, as the evidence weight is)
+    # optional last step (detectors.py; their penalties' weights are set at export, as the evidence
+    # weight is): a person detector fitted on one dataset's training photos (its name; "": none) for
+    # a penalty on words that name a person, and a detector for each other object of the table that
+    # at least this many training photos' references name (0: none) for a penalty on its words
     person_detector_from: str = ""
+    object_detector_photos: int = 0
     test_report: bool = True  # score best/ on the test split at the end
-    objects: str = ""  # CHAIR table (COCO objects and their words): reward, person words, the test report's figures
+    objects: str = ""  # CHAIR table (COCO objects and their words): reward, detectors' words, the test report's figures
     # machinery
     device: str = "auto"
     precision: str = "auto"  # auto: bf16/fp16 autocast where the hardware is native (CUDA, AMX CPUs); or fp32

@@ -36,7 +36,7 @@ from .finetune import finetune
 from .hallucination import ObjectTable
 from .labels import imagenet_classes
 from .optimization import grad_scaler, learning_rate, optimization_step
-from .person_detector import add_person_detector, detector_photos
+from .detectors import add_detectors, detector_photos, object_targets
 from .recipe import TrainConfig
 from .runtime import autocast
 from .self_critical import self_critical
@@ -176,11 +176,14 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     if config.self_critical_epochs and config.finetune_blocks:
         raise ValueError("self_critical_epochs needs finetune_blocks = 0: the self-critical phase trains on the "
                          "frozen encoder's cached features")
+    if config.object_detector_photos < 0:
+        raise ValueError("object_detector_photos must be 0 (no object detectors) or positive")
     rewards_objects = bool(config.self_critical_epochs and config.self_critical_object_weight)
     object_table = None
-    if rewards_objects or config.person_detector_from:
+    if rewards_objects or config.person_detector_from or config.object_detector_photos:
         if not config.objects:
-            setting = "self_critical_object_weight" if rewards_objects else "person_detector_from"
+            setting = ("self_critical_object_weight" if rewards_objects else
+                       "person_detector_from" if config.person_detector_from else "object_detector_photos")
             raise ValueError(f"{setting} needs objects: the CHAIR table of objects and their words")
         object_table = ObjectTable.load(config.objects)  # a bad table fails now, not after the decoder trained
     rank, processes = world()
@@ -194,6 +197,8 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
 
     if config.person_detector_from:
         detector_photos(config.person_detector_from, train_records)  # a wrong name fails before training
+    if config.object_detector_photos:
+        object_targets(train_records, object_table, config.object_detector_photos)  # and so does too few photos
     owners, captions = encode_captions(train_records, vocab, config.max_caption_length)
     # Seeded here, after feature extraction, which draws from the RNG only on a cache miss.
     torch.manual_seed(config.seed)
@@ -314,8 +319,8 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
             raise ValueError("the self-critical phase runs in one process; start it without torchrun")
         self_critical(config, encoder, best_dir, train_features, owners, captions, val_features, val_records,
                       vocab, device, metrics_path, progress["epoch"], object_table if rewards_objects else None)
-    if rank == 0 and config.person_detector_from:
-        add_person_detector(config, best_dir, train_records, train_features, val_records, val_features, object_table)
+    if rank == 0 and (config.person_detector_from or config.object_detector_photos):
+        add_detectors(config, best_dir, train_records, train_features, val_records, val_features, object_table)
     if rank == 0 and config.test_report and dataset.split("test"):
         report_test(config, best_dir, out / "test")
     if dist.is_initialized():
