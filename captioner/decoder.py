@@ -258,7 +258,7 @@ class CaptionDecoder(nn.Module):
                                           person_weight, self.person_words[None]))
         if object_weight > 0 and c.object_detectors:
             probs = self.object_probabilities(features)
-            if label_probs is not None:
+            if label_probs is not None:  # an animal's word may be the stand-in naming.py renames
                 sure = label_probs[:, :ANIMAL_CLASSES].float().sum(1, keepdim=True) >= PRESENT
                 probs = torch.where(sure & self.object_animals.bool(), torch.ones_like(probs), probs)
             terms.append(detector_penalty(probs, object_threshold, object_weight, self.object_words))

@@ -144,27 +144,53 @@ def test_each_object_penalty_lowers_only_its_words_and_only_below_the_threshold(
     assert [c.tokens for [c] in before] == [c.tokens for [c] in after]
 
 
-def test_an_animal_detector_stands_down_where_the_classifier_is_sure_of_an_animal():
-    # 8 image dimensions, then 1000 ImageNet class probabilities (0..397 are animals)
+def animal_decoder():
+    """A tiny decoder that reads 8 image dimensions, then 1000 ImageNet class probabilities (0..397
+    are animals), with detectors for a dog (an animal, word 6) and a bench (word 7), both doubting
+    their object (P = 0.05) in the images of `animal_features`."""
     torch.manual_seed(0)
     plain = build_decoder(DecoderConfig(feature_dim=1008, vocab_size=12, embed_dim=8, hidden_dim=16, dropout=0.0,
                                         labels=1000)).eval()
     directions = torch.zeros(2, 8)
-    directions[:, 0] = -10.0  # both detectors doubt their object: P = 0.05 at x0 = 0.3
+    directions[:, 0] = -10.0
     words = torch.zeros(2, 12)
     words[0, 6], words[1, 7] = 1.0, 1.0
-    decoder = with_detectors(plain, objects=(["dog", "bench"], directions, torch.zeros(2), words,
-                                             torch.tensor([1.0, 0.0]))).eval()
+    return with_detectors(plain, objects=(["dog", "bench"], directions, torch.zeros(2), words,
+                                          torch.tensor([1.0, 0.0]))).eval()
+
+
+def animal_features():
+    """A cheetah the classifier is sure of, an animal it is unsure of, a water tower."""
     features = torch.zeros(3, 1008)
     features[:, 0] = 0.3
-    features[0, 8 + 293] = 0.9    # a cheetah, sure
-    features[1, 8 + 293] = 0.5    # an animal, unsure
-    features[1, 8 + 900] = 0.5
-    features[2, 8 + 900] = 0.9    # no animal
-    bias = decoder.start(features, object_weight=1.0)[2][0]
+    features[0, 8 + 293] = 0.9
+    features[1, 8 + 293], features[1, 8 + 900] = 0.5, 0.5
+    features[2, 8 + 900] = 0.9
+    return features
+
+
+def test_an_animal_detector_stands_down_where_the_classifier_is_sure_of_an_animal():
+    bias = animal_decoder().start(animal_features(), object_weight=1.0)[2][0]
     doubt = math.log(torch.sigmoid(torch.tensor(-3.0)).item() / 0.3)
     assert bias[0, 6].item() == 0 and bias[0, 7].item() == pytest.approx(doubt, abs=1e-4)  # the bench stays doubted
     assert bias[1:, 6].tolist() == pytest.approx([doubt, doubt], abs=1e-4)
+
+
+@pytest.mark.skipif(not installed("onnxruntime"), reason="onnxruntime is an optional extra, not installed")
+def test_the_onnx_start_graph_lets_an_animal_detector_stand_down(tmp_path):
+    import onnxruntime
+
+    from captioner.onnx_export import export_decoder
+    from captioner.onnx_captioner import FILES
+
+    decoder = animal_decoder()
+    decoder.config.object_weight = 1.0
+    export_decoder(decoder, tmp_path)
+    features = animal_features()
+    session = onnxruntime.InferenceSession(str(tmp_path / FILES["start"]), providers=["CPUExecutionProvider"])
+    bias = torch.from_numpy(session.run(None, {"features": features.numpy()})[2])
+    assert bias[0, 6] == 0 and bias[1, 6] < -1
+    assert torch.allclose(bias, decoder.start(features)[2][0], atol=1e-5)
 
 
 def test_the_checkpoint_weight_applies_and_decoding_can_override_it():
