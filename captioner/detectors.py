@@ -38,8 +38,8 @@ DETECTOR_BUFFERS = ("person_direction", "person_bias", "person_words", "object_d
 def shows(references: Sequence[Sequence[str]], table: ObjectTable, objects: Sequence[str]) -> torch.Tensor:
     """images x objects bools: whether any of an image's references names the object (as CHAIR judges it)."""
     named = [reference_objects(table, refs)[0] for refs in references]
-    return torch.tensor([[obj in these for obj in objects] for these in named], dtype=torch.bool).view(len(named),
-                                                                                                   len(objects))
+    rows = [[obj in these for obj in objects] for these in named]
+    return torch.tensor(rows, dtype=torch.bool).view(len(named), len(objects))  # also for no images
 
 
 def shows_person(references: Sequence[Sequence[str]], table: ObjectTable) -> torch.Tensor:
