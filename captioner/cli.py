@@ -13,7 +13,15 @@ from .engines import BACKENDS
 from .runtime import PRECISIONS, keep_freed_memory
 
 # the decoder's decoding settings a command line can override, and an export can set as the default
-DECODING_DEFAULTS = ("evidence_weight", "evidence_threshold", "person_weight", "object_weight", "object_threshold")
+DECODING_DEFAULTS = {
+    "evidence_weight": "penalty on object words the image does not support",
+    "evidence_threshold": "support below which an object word is penalised",
+    "person_weight": "penalty on words that name a person where the checkpoint's person detector sees none (it "
+                     "needs a person detector: the recipe's person_detector_from)",
+    "object_weight": "penalty on words that name an object where the checkpoint's detector for it doubts it (it "
+                     "needs object detectors: the recipe's object_detector_photos)",
+    "object_threshold": "an object detector's probability below which its words are penalised",
+}
 
 EXIT_OK, EXIT_USAGE, EXIT_SOME_FAILED = 0, 1, 2
 
@@ -33,19 +41,9 @@ def _add_decoding_options(p: argparse.ArgumentParser, default_method: str = "gre
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--num-samples", type=int, default=1)
     g.add_argument("--max-length", type=int, default=20, help="most tokens generated, <end> included")
-    g.add_argument("--evidence-weight", type=float, default=None,
-                   help="penalty on object words the image does not support (default: the checkpoint's)")
-    g.add_argument("--evidence-threshold", type=float, default=None,
-                   help="support below which an object word is penalised (default: the checkpoint's)")
-    g.add_argument("--person-weight", type=float, default=None,
-                   help="penalty on words that name a person where the checkpoint's person detector sees "
-                        "none (default: the checkpoint's)")
-    g.add_argument("--object-weight", type=float, default=None,
-                   help="penalty on words that name an object where the checkpoint's detector for it doubts "
-                        "it (default: the checkpoint's)")
-    g.add_argument("--object-threshold", type=float, default=None,
-                   help="an object detector's probability below which its words are penalised (default: the "
-                        "checkpoint's)")
+    for setting, meaning in DECODING_DEFAULTS.items():
+        g.add_argument("--" + setting.replace("_", "-"), type=float, default=None,
+                       help=f"{meaning} (default: the checkpoint's)")
     g.add_argument("--no-animal-names", dest="name_animals", action="store_false",
                    help="keep the decoder's animal word where the encoder's classifier is sure of another")
 
@@ -344,16 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score the exported model on its recipe's test split, record it in its config, "
                         "and write predictions and scores to DIR")
     p.add_argument("--dataset", default=None, help="with --score: the dataset, if not where the recipe had it")
-    p.add_argument("--evidence-weight", type=float, default=None,
-                   help="the decoding default the exported model carries (see captioner caption --help)")
-    p.add_argument("--evidence-threshold", type=float, default=None)
-    p.add_argument("--person-weight", type=float, default=None,
-                   help="the person penalty's weight the exported model carries (it needs a person detector: "
-                        "the recipe's person_detector_from)")
-    p.add_argument("--object-weight", type=float, default=None,
-                   help="the object penalty's weight the exported model carries (it needs object detectors: "
-                        "the recipe's object_detector_photos)")
-    p.add_argument("--object-threshold", type=float, default=None)
+    for setting, meaning in DECODING_DEFAULTS.items():
+        p.add_argument("--" + setting.replace("_", "-"), type=float, default=None,
+                       help=f"the default the exported model carries: {meaning}")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("explain", help="per-word heat maps and word probabilities of one image's caption")

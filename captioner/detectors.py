@@ -70,6 +70,19 @@ def person_word_ids(vocab: Vocabulary, table: ObjectTable) -> torch.Tensor:
     return word_masks(vocab, table, [PERSON])[0].nonzero()[:, 0]
 
 
+def standardised(pooled: torch.Tensor):
+    """-> (the N x D features standardised per dimension, a function that takes K x D weights and K
+    biases on them to weights and biases on the raw features): a detector fits on the first and
+    keeps the second, the standardisation folded in."""
+    mean, std = pooled.mean(0), pooled.std(0) + 1e-3
+
+    def fold(weights: torch.Tensor, biases: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        directions = weights / std
+        return directions, biases - directions @ mean
+
+    return (pooled - mean) / std, fold
+
+
 def fit_person_detector(pooled: torch.Tensor, shows: torch.Tensor, seed: int, epochs: int = 20,
                         lr: float = 1e-4) -> tuple[torch.Tensor, float]:
     """A logistic regression on standardised pooled features (N x D, N bools) -> (direction D, bias)
@@ -77,8 +90,8 @@ def fit_person_detector(pooled: torch.Tensor, shows: torch.Tensor, seed: int, ep
     from zero: a random start over 1,280 features is noise that a few thousand photos do not train
     away (dev AUC on COCO photos 0.82 against 0.89; train/README.md). `seed` orders the batches."""
     generator = torch.Generator().manual_seed(seed)
-    mean, std = pooled.mean(0), pooled.std(0) + 1e-3
-    x, y = (pooled - mean) / std, shows.float()[:, None]
+    x, fold = standardised(pooled)
+    y = shows.float()[:, None]
     head = torch.nn.Linear(x.size(1), 1)
     with torch.no_grad():
         head.weight.zero_()
@@ -90,16 +103,17 @@ def fit_person_detector(pooled: torch.Tensor, shows: torch.Tensor, seed: int, ep
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-    weight = head.weight.detach()[0] / std
-    return weight, float(head.bias.detach()[0] - weight @ mean)
+    [direction], [bias] = fold(head.weight.detach(), head.bias.detach())
+    return direction, float(bias)
 
 
-def fit_object_detectors(pooled: torch.Tensor, shown: torch.Tensor, l2: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_object_detectors(pooled: torch.Tensor, shown: torch.Tensor,
+                         l2: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
     """One logistic regression an object on standardised pooled features (N x D, N x K bools), fitted
     to convergence with an L2 penalty -> (directions K x D, biases K) with the standardisation
     folded in: P(object k) = sigmoid(pooled . directions[k] + biases[k]). Deterministic."""
-    mean, std = pooled.mean(0), pooled.std(0) + 1e-3
-    x, y = (pooled - mean) / std, shown.float()
+    x, fold = standardised(pooled)
+    y = shown.float()
     weight = torch.zeros(x.size(1), y.size(1), requires_grad=True)
     bias = torch.zeros(y.size(1), requires_grad=True)
     optimizer = torch.optim.LBFGS([weight, bias], max_iter=200, line_search_fn="strong_wolfe")
@@ -112,8 +126,7 @@ def fit_object_detectors(pooled: torch.Tensor, shown: torch.Tensor, l2: float = 
         return value
 
     optimizer.step(loss)
-    directions = (weight.detach() / std[:, None]).T
-    return directions, bias.detach() - directions @ mean
+    return fold(weight.detach().T, bias.detach())
 
 
 def with_detectors(decoder, person: tuple | None = None, objects: tuple | None = None):

@@ -32,11 +32,11 @@ from .decoder import build_decoder, caption_loss, members_log_probs
 from .distributed import barrier, check_same_weights, log, setup_device, world
 from .encoders import build_encoder
 from .features import FeatureStore, cached_features
+from .detectors import add_detectors, detector_photos, object_targets
 from .finetune import finetune
 from .hallucination import ObjectTable
 from .labels import imagenet_classes
 from .optimization import grad_scaler, learning_rate, optimization_step
-from .detectors import add_detectors, detector_photos, object_targets
 from .recipe import TrainConfig
 from .runtime import autocast
 from .self_critical import self_critical
