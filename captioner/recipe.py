@@ -84,6 +84,9 @@ class TrainConfig:
     # > 0: a sampled caption's reward also gains this for each object most of its image's references
     # name and loses it for each object none names (objects: the CHAIR table)
     self_critical_object_weight: float = 0.0
+    # several datasets: each epoch draws as many images from each dataset (a small one's repeat, a
+    # large one's are a random part), as validation weighs each dev set once
+    self_critical_balanced: bool = False
     # decoding for validation (greedy, every epoch) and the final test report
     max_length: int = 20
     eval_beam_size: int = 3

@@ -55,6 +55,12 @@ def label_word_ids(vocab: Vocabulary, config: TrainConfig) -> torch.Tensor:
     return torch.tensor([vocab.stoi.get(w.split()[-1], -1) for w in words])
 
 
+def dataset_indices(records) -> torch.Tensor:
+    """Which of the datasets (numbered in order of first appearance) each record comes from."""
+    names = list(dict.fromkeys(r.dataset for r in records))
+    return torch.tensor([names.index(r.dataset) for r in records])
+
+
 def mix_predictions(decoder, features, captions, lengths, probability: float, generator: torch.Generator):
     """Scheduled sampling, parallel form (Duckworth et al. 2019): a teacher-forced pass predicts every
     position, then each input word is swapped for the model's prediction of it with `probability`.
@@ -318,7 +324,8 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
         if processes > 1:
             raise ValueError("the self-critical phase runs in one process; start it without torchrun")
         self_critical(config, encoder, best_dir, train_features, owners, captions, val_features, val_records,
-                      vocab, device, metrics_path, progress["epoch"], object_table if rewards_objects else None)
+                      vocab, device, metrics_path, progress["epoch"], object_table if rewards_objects else None,
+                      dataset_indices(train_records))
     if rank == 0 and (config.person_detector_from or config.object_detector_photos):
         add_detectors(config, best_dir, train_records, train_features, val_records, val_features, object_table)
     if rank == 0 and config.test_report and dataset.split("test"):

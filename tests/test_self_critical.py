@@ -9,8 +9,8 @@ from pycocoevalcap.cider.cider import Cider
 from captioner import Captioner
 from captioner.decoder import DecoderConfig, build_decoder
 from captioner.hallucination import ObjectTable
-from captioner.self_critical import (CiderD, ObjectReward, advantages, keeps_caption_quality, policy_loss,
-                                     sequence_logprobs)
+from captioner.self_critical import (CiderD, ObjectReward, advantages, balanced_order, keeps_caption_quality,
+                                     policy_loss, sequence_logprobs)
 from captioner.recipe import TrainConfig
 from captioner.training import train
 from captioner.vocab import END, START, tokenize
@@ -87,6 +87,17 @@ def test_caption_quality_guard_refuses_a_narrower_vocabulary_or_more_cut_caption
     assert not keeps_caption_quality(dict(reference, distinct_captions=600), reference)
     assert not keeps_caption_quality(dict(reference, cut_mid_phrase=9), reference)
     assert not keeps_caption_quality(dict(reference, hit_max_length=1), reference)
+
+
+def test_a_balanced_epoch_draws_each_dataset_equally_often():
+    groups = torch.tensor([0] * 30 + [1] * 7 + [2] * 11)  # 48 images: 16 draws from each dataset
+    order = balanced_order(groups, torch.Generator().manual_seed(3))
+    assert len(order) == 48 and torch.bincount(groups[order]).tolist() == [16, 16, 16]
+    large = order[groups[order] == 0]
+    assert len(set(large.tolist())) == 16  # a part of the large dataset, none twice
+    small = torch.bincount(order[groups[order] == 1], minlength=37)[30:]
+    assert small.min() >= 2 and small.max() <= 3  # every small-dataset image twice, two a third time
+    assert not torch.equal(order, balanced_order(groups, torch.Generator().manual_seed(4)))
 
 
 def test_self_critical_phase_runs_after_the_decoder_and_keeps_a_loadable_best(tiny_dataset, tmp_path, capfd):

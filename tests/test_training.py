@@ -341,9 +341,10 @@ def test_cached_boundary_activations_give_what_the_images_give_after_the_blocks_
 
 
 def test_two_datasets_with_image_evidence(tiny_dataset, tmp_path):
-    """A recipe of two datasets (own formats and folders), ImageNet labels and concept detectors:
-    both dev sets steer early stopping, both test sets are scored, hallucination included, and the
-    checkpoint loads and captions with its evidence."""
+    """A recipe of two datasets (own formats and folders), ImageNet labels and concept detectors,
+    then self-critical training drawing equally from both: both dev sets steer early stopping, both
+    test sets are scored, hallucination included, and the checkpoint loads and captions with its
+    evidence."""
     other = tmp_path / "other"
     other.mkdir()
     rows = ["image\tcaption\tsplit"]
@@ -360,11 +361,13 @@ def test_two_datasets_with_image_evidence(tiny_dataset, tmp_path):
     table = tmp_path / "objects.txt"
     table.write_text("circle\nsquare\ntriangle\n")
     config = tiny_config(tiny_dataset, tmp_path, epochs=4, labels=True, concepts=4, concept_min_images=1,
+                         self_critical_epochs=1, self_critical_samples=2, self_critical_balanced=True,
                          objects=str(table), datasets=[{"path": str(first), "images": str(tiny_dataset.parent),
                                                         "name": "tiny"},
                                                        {"path": str(other / "captions.jsonl"), "name": "other"}])
     best = train(config)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row.get("phase") for row in rows] == [None] * 4 + ["self-critical"]
     for row in rows:
         assert row["val_CIDEr"] == pytest.approx((row["val_CIDEr_tiny"] + row["val_CIDEr_other"]) / 2)
     saved = json.loads((best / "config.json").read_text())
