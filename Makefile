@@ -24,7 +24,7 @@ test: $(VENV)/.installed-test
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Retrains the built-in model with train/flickr8k_coco.toml (needs ../shared's Flickr8k and
-# coco_extra; about 41 minutes on 2 cores) and packs its best checkpoint into the package in fp16
+# coco_extra; under an hour on 2 cores) and packs its best checkpoint into the package in fp16
 # (23 MiB) with the decode-time evidence and detector settings chosen on the dev splits, scored again on both
 # test splits.
 builtin-model: $(VENV)/.installed

@@ -29,10 +29,10 @@ from .concepts import concept_targets as make_concept_targets
 from .concepts import concept_words
 from .datasets import CaptionDataset, dataset_name, load_datasets
 from .decoder import build_decoder, caption_loss, members_log_probs
+from .detectors import add_detectors, detector_photos, object_targets
 from .distributed import barrier, check_same_weights, log, setup_device, world
 from .encoders import build_encoder
 from .features import FeatureStore, cached_features
-from .detectors import add_detectors, detector_photos, object_targets
 from .finetune import finetune
 from .hallucination import ObjectTable
 from .labels import imagenet_classes
