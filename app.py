@@ -23,10 +23,10 @@ import gradio as gr
 from PIL import Image
 
 from captioner import Captioner
-from captioner.checkpoint import test_reports
-from captioner.engines import BACKENDS
-from captioner.explain import overlay
-from captioner.images import load_image
+from captioner.data.images import load_image
+from captioner.inference.engines import BACKENDS
+from captioner.inference.explain import overlay
+from captioner.model.checkpoint import test_reports
 
 METHODS = {"Argmax (greedy)": "greedy", "Sample": "sample", "Beam search": "beam"}
 MAX_UPLOAD = "25mb"

@@ -1,4 +1,4 @@
-"""Which captions `name_animals` changes (captioner/naming.py), and what that does to CHAIR: each
+"""Which captions `name_animals` changes (captioner/grounding/naming.py), and what that does to CHAIR: each
 split is captioned once, and the decoder's own caption is rebuilt from each caption's `renamed`.
 
     python bench/animal_names.py --dataset ../shared/data/flickr8k --dataset ../shared/data/coco_extra \
@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 
 from captioner import Captioner
-from captioner.datasets import load_dataset
-from captioner.hallucination import ObjectTable, hallucination
+from captioner.data.datasets import load_dataset
+from captioner.evaluation.hallucination import ObjectTable, hallucination
 
 
 def main() -> None:

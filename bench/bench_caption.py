@@ -28,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from captioner import Captioner  # noqa: E402
 from captioner.batch import ResultWriter, caption_files  # noqa: E402
-from captioner.decoding import greedy  # noqa: E402
-from captioner.engines import BACKENDS  # noqa: E402
-from captioner.runtime import PRECISIONS, autocast_dtype, keep_freed_memory  # noqa: E402
+from captioner.inference.decoding import greedy  # noqa: E402
+from captioner.inference.engines import BACKENDS  # noqa: E402
+from captioner.model.runtime import PRECISIONS, autocast_dtype, keep_freed_memory  # noqa: E402
 
 
 def image_list(dataset: Path, count: int) -> list[str]:

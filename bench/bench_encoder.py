@@ -24,8 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from captioner import Captioner  # noqa: E402
-from captioner.engines import OnnxEngine, TorchEngine, installed  # noqa: E402
-from captioner.runtime import autocast_dtype, native_cpu_bf16  # noqa: E402
+from captioner.inference.engines import OnnxEngine, TorchEngine, installed  # noqa: E402
+from captioner.model.runtime import autocast_dtype, native_cpu_bf16  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_caption import image_list  # noqa: E402

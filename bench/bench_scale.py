@@ -29,10 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_caption import image_list  # noqa: E402
 from captioner import Captioner  # noqa: E402
 from captioner.batch import ResultWriter, caption_files, caption_shards  # noqa: E402
-from captioner.datasets import load_dataset  # noqa: E402
-from captioner.encoders import build_encoder  # noqa: E402
-from captioner.features import compute_features  # noqa: E402
-from captioner.runtime import keep_freed_memory  # noqa: E402
+from captioner.data.datasets import load_dataset  # noqa: E402
+from captioner.model.encoders import build_encoder  # noqa: E402
+from captioner.model.runtime import keep_freed_memory  # noqa: E402
+from captioner.training.features import compute_features  # noqa: E402
 
 
 def write_shards(paths: list[str], folder: Path, per_shard: int) -> list[str]:
@@ -78,7 +78,7 @@ def main() -> None:
         streamed = timed(lambda w: caption_shards(cap, shards, w, progress=False), "shards.jsonl")
         import ray
 
-        from captioner.ray_captioning import caption_with_ray
+        from captioner.ray_batch import caption_with_ray
 
         # a cluster that is already up, as `--ray auto` joins one; the actors' start-up is timed
         ray.init(include_dashboard=False, log_to_driver=False)

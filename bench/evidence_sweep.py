@@ -25,12 +25,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from captioner import Captioner  # noqa: E402
-from captioner.datasets import load_dataset  # noqa: E402
-from captioner.detectors import shows_person  # noqa: E402
-from captioner.hallucination import ObjectTable, hallucination  # noqa: E402
-from captioner.loading import image_batches  # noqa: E402
-from captioner.metrics import caption_stats, score_captions  # noqa: E402
-from captioner.runtime import keep_freed_memory  # noqa: E402
+from captioner.data.datasets import load_dataset  # noqa: E402
+from captioner.data.loading import image_batches  # noqa: E402
+from captioner.evaluation.hallucination import ObjectTable, hallucination  # noqa: E402
+from captioner.evaluation.metrics import caption_stats, score_captions  # noqa: E402
+from captioner.grounding.detectors import shows_person  # noqa: E402
+from captioner.model.runtime import keep_freed_memory  # noqa: E402
 
 
 def floats(text: str) -> list[float]:

@@ -24,10 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_caption import decode_ms_per_token, weight_read_ms  # noqa: E402
 from captioner import Captioner  # noqa: E402
-from captioner import decoder as decoder_module  # noqa: E402
-from captioner.datasets import load_dataset  # noqa: E402
-from captioner.metrics import caption_stats, score_captions  # noqa: E402
-from captioner.runtime import keep_freed_memory  # noqa: E402
+from captioner.data.datasets import load_dataset  # noqa: E402
+from captioner.evaluation.metrics import caption_stats, score_captions  # noqa: E402
+from captioner.model.runtime import keep_freed_memory  # noqa: E402
+from captioner.model.step import StepWeights  # noqa: E402
 
 
 def int8_product(packed: dict):
@@ -57,8 +57,8 @@ def main() -> None:
     print(f"{len(records)} test images from {args.dataset}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, step weights {decoder.step_dtype}")
     texts, default = {}, f"{str(decoder.step_dtype).removeprefix('torch.')} step (the default here)"
-    for name, product in ((default, decoder_module.StepWeights.product), ("int8 step", int8_product({}))):
-        decoder_module.StepWeights.product = product
+    for name, product in ((default, StepWeights.product), ("int8 step", int8_product({}))):
+        StepWeights.product = product
         token_ms, read_ms = decode_ms_per_token(cap, features[: args.latency_images]), weight_read_ms(decoder)
         print(f"{name}: {token_ms:.2f} ms a token at batch 1; reading the fp32 weights once {read_ms:.2f} ms "
               f"({token_ms / read_ms:.2f}x)")

@@ -10,7 +10,7 @@ a decode-time penalty on every person word, driven by that group detector, does 
 
 The CHAIR table (--objects) says which words name a person, and its ground truth (the objects the
 references name) is the detector's target, fitted as the recipe's `person_detector_from` fits it
-(captioner/detectors.py). The group penalty comes on top of the checkpoint's own evidence
+(captioner/grounding/detectors.py). The group penalty comes on top of the checkpoint's own evidence
 setting: each word that names a person loses weight * log(p_person / threshold) where p_person is
 below the threshold (the decoder's `person_weight`).
 """
@@ -26,13 +26,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from captioner import Captioner  # noqa: E402
-from captioner.datasets import load_dataset  # noqa: E402
-from captioner.decoder import pooled_image  # noqa: E402
-from captioner.detectors import (auc, fit_person_detector, person_word_ids, shows_person,  # noqa: E402
-                                 with_detectors)
-from captioner.hallucination import ObjectTable, singular  # noqa: E402
-from captioner.loading import image_batches  # noqa: E402
-from captioner.runtime import keep_freed_memory  # noqa: E402
+from captioner.data.datasets import load_dataset  # noqa: E402
+from captioner.data.loading import image_batches  # noqa: E402
+from captioner.evaluation.hallucination import ObjectTable, singular  # noqa: E402
+from captioner.grounding.detectors import auc, fit_person_detector, person_word_ids, shows_person
+from captioner.model.decoder import pooled_image  # noqa: E402
+from captioner.model.runtime import keep_freed_memory  # noqa: E402
+from captioner.training.fit_detectors import with_detectors
 from evidence_sweep import score_cells  # noqa: E402  (bench/ is this script's folder)
 
 

@@ -18,8 +18,8 @@ from typing import IO, Iterable
 
 from tqdm.auto import tqdm
 
-from .model import Captioner, ImageResult
-from .shards import Sample, ShardProblem, ShardWriter, read_samples
+from .data.shards import Sample, ShardProblem, ShardWriter, read_samples
+from .pipeline import Captioner, ImageResult
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 

@@ -9,8 +9,8 @@ import os
 import sys
 from pathlib import Path
 
-from .engines import BACKENDS
-from .runtime import PRECISIONS, keep_freed_memory
+from .inference.engines import BACKENDS
+from .model.runtime import PRECISIONS, keep_freed_memory
 
 # the decoder's decoding settings a command line can override, and an export can set as the default
 DECODING_DEFAULTS = {
@@ -73,7 +73,7 @@ def _add_device_options(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args):
-    from .model import Captioner
+    from .pipeline import Captioner
 
     return Captioner.from_pretrained(args.checkpoint, device=args.device, precision=args.precision,
                                      backend=args.backend, fold=args.fold)
@@ -81,7 +81,7 @@ def _load(args):
 
 def cmd_caption(args) -> int:
     from .batch import caption_files, caption_shards, collect_paths, open_writer, shard
-    from .shards import expand, is_shard_spec
+    from .data.shards import expand, is_shard_spec
 
     shard_specs = [p for p in args.paths if is_shard_spec(p)]
     if shard_specs and (len(shard_specs) != len(args.paths) or args.from_list):
@@ -137,7 +137,7 @@ def cmd_caption(args) -> int:
 
 def _caption_on_ray(args, paths: list[str], shards: bool, writer, options: dict, errors) -> int:
     try:
-        from .ray_captioning import caption_with_ray
+        from .ray_batch import caption_with_ray
     except ImportError as err:
         raise UsageError(f"--ray needs Ray Data: pip install 'captioner[ray]' ({err})") from None
     todo = paths if writer is None else [p for p in paths if p not in writer.done]
@@ -150,7 +150,7 @@ def _caption_on_ray(args, paths: list[str], shards: bool, writer, options: dict,
 
 
 def _train_parser(sub) -> argparse.ArgumentParser:
-    from .recipe import TrainConfig
+    from .training.recipe import TrainConfig
 
     p = sub.add_parser("train", help="train a decoder on a caption dataset",
                        description="Train from a TOML recipe (train/*.toml); any recipe field can be overridden "
@@ -169,22 +169,25 @@ def _train_parser(sub) -> argparse.ArgumentParser:
 
 
 def cmd_train(args) -> int:
-    from .recipe import TrainConfig
-    from .training import train
+    from .scoring import report_test
+    from .training.loop import train
+    from .training.recipe import TrainConfig
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                  if getattr(args, f.name, None) is not None}
     config = TrainConfig.from_toml(args.recipe, **overrides) if args.recipe else TrainConfig(**overrides)
     best = train(config, resume=args.resume)
     if os.environ.get("RANK", "0") == "0":
+        if config.test_report:
+            report_test(config, best, Path(config.output) / "test")
         print(f"best checkpoint: {best}")
     return EXIT_OK
 
 
 def cmd_eval(args) -> int:
-    from .datasets import load_dataset
-    from .evaluation import evaluate, format_report
-    from .recipe import TrainConfig
+    from .data.datasets import load_dataset
+    from .scoring import evaluate, format_report
+    from .training.recipe import TrainConfig
 
     captioner = _load(args)
     # shards are indexed where training keeps their indexes (the recipe's default cache): a shard
@@ -202,10 +205,10 @@ def cmd_eval(args) -> int:
 def cmd_export(args) -> int:
     import torch
 
-    from .decoder import keep_members
-    from .model import Captioner
-    from .recipe import TrainConfig
-    from .training import report_test
+    from .model.ensemble import keep_members
+    from .pipeline import Captioner
+    from .scoring import report_test
+    from .training.recipe import TrainConfig
 
     captioner = Captioner.from_pretrained(args.checkpoint, device="cpu")
     training = {k: v for k, v in captioner.config.get("training", {}).items() if k != "test"}
@@ -219,8 +222,8 @@ def cmd_export(args) -> int:
     dtype = torch.float16 if args.fp16 else torch.float32
     out = captioner.save_pretrained(args.out, training=training, dtype=dtype)
     if args.onnx:
-        from .onnx_export import export_decoder, export_encoder
-        from .onnx_captioner import FILES
+        from .inference.onnx_captioner import FILES
+        from .inference.onnx_export import export_decoder, export_encoder
 
         # from the files just written, so the graphs hold exactly the weights shipped (fp16 ones too)
         shipped = Captioner.from_pretrained(out, device="cpu", backend="torch")
@@ -235,8 +238,8 @@ def cmd_export(args) -> int:
 
 
 def cmd_explain(args) -> int:
-    from .explain import overlay
-    from .images import load_image
+    from .data.images import load_image
+    from .inference.explain import overlay
 
     captioner = _load(args)
     explanation = captioner.explain(args.image, caption=args.caption, method=args.method, maps=args.maps,
@@ -260,15 +263,15 @@ def cmd_explain(args) -> int:
 
 
 def cmd_push(args) -> int:
-    from .hub import push
+    from .model.hub import push
 
     print(push(args.checkpoint, args.repo, private=args.private, revision=args.revision))
     return EXIT_OK
 
 
 def cmd_info(args) -> int:
-    from .checkpoint import read_config
-    from .model import BUILTIN, PRETRAINED_DIR
+    from .model.checkpoint import read_config
+    from .pipeline import BUILTIN, PRETRAINED_DIR
 
     path = PRETRAINED_DIR / BUILTIN if args.checkpoint in (None, BUILTIN) else args.checkpoint
     print(json.dumps(read_config(path), indent=2))
@@ -336,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", action="store_true",
                    help="also write encoder.onnx, decoder_start.onnx and decoder_step.onnx (dynamic batch; "
                         "weights both decoder graphs use in decoder_shared.weights) for ONNX Runtime, OpenVINO "
-                        "or captioner.onnx_captioner")
+                        "or captioner.inference.onnx_captioner")
     p.add_argument("--members", type=int, default=0, help="keep only the first N decoders of an ensemble")
     p.add_argument("--score", default=None, metavar="DIR",
                    help="score the exported model on its recipe's test split, record it in its config, "
@@ -374,11 +377,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    keep_freed_memory()  # our own process: faster CPU inference and training (captioner/runtime.py)
-    from .checkpoint import CheckpointError
-    from .datasets import DatasetError
-    from .encoders import EncoderWeightsError
-    from .images import ImageError
+    keep_freed_memory()  # our own process: faster CPU inference and training (captioner/model/runtime.py)
+    from .data.datasets import DatasetError
+    from .data.images import ImageError
+    from .model.checkpoint import CheckpointError
+    from .model.encoders import EncoderWeightsError
 
     try:
         return args.func(args)

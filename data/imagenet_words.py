@@ -1,4 +1,4 @@
-"""Regenerates captioner/data/imagenet_words.json: each ImageNet-1k class -> the word a person would
+"""Regenerates captioner/grounding/imagenet_words.json: each ImageNet-1k class -> the word a person would
 write in a caption (Norwich terrier -> dog, trolleybus -> bus, tusker -> elephant).
 
     apt-get install wordnet-base wordnet-sense-index      # WordNet 3.0, Debian's copy
@@ -16,7 +16,7 @@ use more as an animal than as another noun or an adjective, or, where they do no
 noun sense is an animal: "bird",
 "cat", "bear", "retriever"; not "kite" or "young"), the animal classes it covers: those whose synset,
 or one of its hypernyms up to "animal", has it as a lemma. A caption's "bird" is then supported by
-every bird class, and not by a cheetah (captioner/naming.py). `not_animals`: two-word phrases the
+every bird class, and not by a cheetah (captioner/grounding/naming.py). `not_animals`: two-word phrases the
 captions use that end in such a name but are a food or a made thing to WordNet ("hot dog", "teddy
 bear").
 """
@@ -32,8 +32,8 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from captioner.hallucination import singular
-from captioner.naming import ANIMAL_CLASSES
+from captioner.evaluation.hallucination import singular
+from captioner.grounding.naming import ANIMAL_CLASSES
 STOP = {"entity", "physical_entity", "object", "whole", "artifact", "instrumentality", "organism", "living_thing",
         "animal", "chordate", "vertebrate", "mammal", "placental", "device", "container", "covering", "commodity",
         "structure", "conveyance", "equipment", "implement", "matter", "substance", "food", "solid", "material",
@@ -194,7 +194,8 @@ def not_animals(wn, names: dict[str, list[int]], counts: Counter) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("captions", nargs="+", type=Path, help="Flickr-format caption files (image#n<TAB>caption)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parents[1] / "captioner" / "data" / "imagenet_words.json")
+    parser.add_argument("--out", type=Path,
+                        default=Path(__file__).parents[1] / "captioner" / "grounding" / "imagenet_words.json")
     args = parser.parse_args(argv)
     from torchvision.models._meta import _IMAGENET_CATEGORIES as categories
 

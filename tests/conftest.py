@@ -15,10 +15,10 @@ import torch
 from PIL import Image, ImageDraw
 
 from captioner import Captioner
-from captioner.decoder import CaptionDecoder, DecoderConfig, caption_loss
-from captioner.encoders import build_encoder
-from captioner.batches import pad_batch
-from captioner.vocab import Vocabulary
+from captioner.data.vocab import Vocabulary
+from captioner.model.decoder import CaptionDecoder, DecoderConfig, caption_loss
+from captioner.model.encoders import build_encoder
+from captioner.training.batches import pad_batch
 
 
 ROOT = Path(__file__).resolve().parents[1]

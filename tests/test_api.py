@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from captioner import Captioner, ImageError
+from captioner import ImageError
 
-from conftest import SCENES, draw_scene
+from conftest import draw_scene
 
 
 def test_tiny_model_learned_all_four_captions(tiny_captioner, scene_paths, scene_captions):

@@ -1,7 +1,6 @@
 """`captioner caption` over folders: bad files, resume after a kill, output formats, determinism."""
 
 import csv
-import io
 import json
 import subprocess
 import sys

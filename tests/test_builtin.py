@@ -3,9 +3,9 @@
 import pytest
 
 from captioner import Captioner
-from captioner.datasets import load_dataset
-from captioner.metrics import score_captions
-from captioner.model import BUILTIN, PRETRAINED_DIR
+from captioner.data.datasets import load_dataset
+from captioner.evaluation.metrics import score_captions
+from captioner.pipeline import BUILTIN, PRETRAINED_DIR
 
 from conftest import COCO_EXTRA, FLICKR8K, draw_scene, needs_coco_extra, needs_flickr8k
 

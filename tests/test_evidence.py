@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from captioner import Captioner, decoding
-from captioner.batches import pad_batch
-from captioner.concepts import concept_targets, concept_words
-from captioner.decoder import CaptionDecoder, DecoderConfig, caption_loss
-from captioner.efficientnet_lite import efficientnet_lite
-from captioner.labels import WORDS_FILE, imagenet_classes, top_labels
-from captioner.vocab import Vocabulary
+from captioner import Captioner
+from captioner.data.vocab import Vocabulary
+from captioner.grounding.concepts import concept_targets, concept_words
+from captioner.grounding.labels import WORDS_FILE, imagenet_classes, top_labels
+from captioner.inference import decoding
+from captioner.model.decoder import CaptionDecoder, DecoderConfig, caption_loss
+from captioner.model.efficientnet_lite import efficientnet_lite
+from captioner.training.batches import pad_batch
 
 from conftest import ROOT
 

@@ -12,8 +12,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from captioner import Captioner
-from captioner.decoder import CaptionDecoder, DecoderConfig
-from captioner.vocab import Vocabulary
+from captioner.data.vocab import Vocabulary
+from captioner.model.decoder import CaptionDecoder, DecoderConfig
 
 from conftest import overfit_decoder
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from captioner.hallucination import ObjectTable, hallucination, singular
+from captioner.evaluation.hallucination import ObjectTable, hallucination, singular
 
 TABLE = """person, man, woman, people, child, boy, baby
 dog, puppy

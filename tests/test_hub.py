@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from captioner.hub import CHECKPOINT_FILES, hub_folder, is_repo_id
-from captioner.model import BUILTIN, PRETRAINED_DIR
+from captioner.model.hub import CHECKPOINT_FILES, hub_folder, is_repo_id
+from captioner.pipeline import BUILTIN, PRETRAINED_DIR
 from hub_server import LocalHub
 
 pytest.importorskip("huggingface_hub", reason="huggingface_hub is not installed")

@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from captioner.images import ImageError, ImageTransform, load_image
-from captioner.loading import image_batches
+from captioner.data.images import ImageError, ImageTransform, load_image
+from captioner.data.loading import image_batches
 
 LITE = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 

@@ -1,4 +1,4 @@
-"""Naming the animal the encoder's classifier recognises (captioner/naming.py): which captions
+"""Naming the animal the encoder's classifier recognises (captioner/grounding/naming.py): which captions
 change, which stay, and that the change reaches the caption, its sentence and its explanation."""
 
 import json
@@ -10,9 +10,9 @@ import torch
 
 from captioner import Captioner
 from captioner.cli import main
-from captioner.labels import imagenet_classes
-from captioner.naming import animal_names, name_animal
-from captioner.vocab import Vocabulary
+from captioner.data.vocab import Vocabulary
+from captioner.grounding.labels import imagenet_classes
+from captioner.grounding.naming import animal_names, name_animal
 
 LION = Path(gradio.__file__).parent / "media_assets" / "images" / "lion.jpg"
 

@@ -1,16 +1,14 @@
 """Whatever is in a photo folder: garbage, bombs, huge photos, every image mode. Generated here, not committed."""
 
-import io
 import json
 import subprocess
 import sys
 import time
 
 import numpy as np
-import pytest
 from PIL import Image
 
-from captioner.images import MAX_IMAGE_PIXELS, ImageTransform, load_image
+from captioner.data.images import MAX_IMAGE_PIXELS, ImageTransform, load_image
 
 from conftest import bomb, draw_scene
 

@@ -1,4 +1,4 @@
-"""Mixed precision and the allocator setting (captioner/runtime.py): real models, real processes."""
+"""Mixed precision and the allocator setting (captioner/model/runtime.py): real models, real processes."""
 
 import subprocess
 import sys
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from captioner import Captioner
-from captioner.features import cache_key
-from captioner.runtime import autocast_dtype, native_cpu_bf16
+from captioner.model.runtime import autocast_dtype, native_cpu_bf16
+from captioner.training.features import cache_key
 
 
 def test_precision_choice():
@@ -40,10 +40,10 @@ def test_features_of_another_precision_are_cached_apart(lite0, scene_paths):
 PAGE_FAULTS = """
 import resource, sys, torch
 import captioner.cli
-from captioner.runtime import keep_freed_memory
+from captioner.model.runtime import keep_freed_memory
 if sys.argv[1] == "tuned":
     assert keep_freed_memory()
-import captioner.model
+import captioner.pipeline
 for _ in range(3):  # warm-up
     torch.ones(16_000_000).mul_(2)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

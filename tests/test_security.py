@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from captioner import Captioner
-from captioner.checkpoint import CheckpointError
-from captioner.encoders import build_encoder
+from captioner.model.checkpoint import CheckpointError
+from captioner.model.encoders import build_encoder
 
 
 class Payload:

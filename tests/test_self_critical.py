@@ -7,13 +7,14 @@ import torch
 from pycocoevalcap.cider.cider import Cider
 
 from captioner import Captioner
-from captioner.decoder import DecoderConfig, build_decoder
-from captioner.hallucination import ObjectTable
-from captioner.self_critical import (CiderD, ObjectReward, advantages, balanced_order, keeps_caption_quality,
-                                     policy_loss, sequence_logprobs)
-from captioner.recipe import TrainConfig
-from captioner.training import train
-from captioner.vocab import END, START, tokenize
+from captioner.data.vocab import END, START, tokenize
+from captioner.evaluation.hallucination import ObjectTable
+from captioner.model.decoder import DecoderConfig
+from captioner.model.ensemble import build_decoder
+from captioner.training.loop import train
+from captioner.training.recipe import TrainConfig
+from captioner.training.self_critical import (CiderD, ObjectReward, advantages, balanced_order, keeps_caption_quality,
+                                              policy_loss, sequence_logprobs)
 
 from conftest import SCENES
 from test_training import tiny_config, tiny_dataset  # noqa: F401 (a fixture)

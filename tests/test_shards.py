@@ -9,7 +9,7 @@ import tarfile
 
 import pytest
 
-from captioner.shards import ShardWriter, expand, read_samples
+from captioner.data.shards import ShardWriter, expand, read_samples
 
 from conftest import add_to_tar
 
@@ -112,9 +112,9 @@ def test_shard_writer_rolls_over_and_never_shows_half_a_shard(tmp_path):
 
 
 def test_shards_read_as_a_training_dataset_with_images_left_in_place(shards, scene_paths, tmp_path):
-    from captioner.datasets import DatasetError, load_dataset, load_datasets
-    from captioner.images import ImageError, load_image
-    from captioner.shards import ShardMember
+    from captioner.data.datasets import DatasetError, load_dataset, load_datasets
+    from captioner.data.images import ImageError, load_image
+    from captioner.data.shards import ShardMember
 
     with tarfile.open(shards / "00003.tar", "w") as tar:  # several captions, and a split, per sample
         add_to_tar(tar, "a.jpg", scene_paths[2].read_bytes())
@@ -156,8 +156,8 @@ def test_shards_read_as_a_training_dataset_with_images_left_in_place(shards, sce
 def test_a_shard_is_indexed_once_and_keyed_by_content(shards, scene_paths, tmp_path):
     import os
 
-    from captioner.datasets import load_dataset
-    from captioner.shards import content_digest
+    from captioner.data.datasets import load_dataset
+    from captioner.data.shards import content_digest
 
     spec, index = f"{shards}/{{00000..00002}}.tar", tmp_path / "index"
     first = load_dataset(spec, shard_index=index)
@@ -186,7 +186,7 @@ def test_a_shard_is_indexed_once_and_keyed_by_content(shards, scene_paths, tmp_p
 
 def test_eval_keeps_the_shard_index_where_training_does(tiny_checkpoint, scene_paths, tmp_path, monkeypatch):
     from captioner.cli import main as cli
-    from captioner.recipe import TrainConfig
+    from captioner.training.recipe import TrainConfig
 
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # the recipe's default cache, ~/.cache/captioner/...
     shard = tmp_path / "test-00000.tar"

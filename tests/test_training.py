@@ -14,12 +14,13 @@ import torch
 from safetensors.torch import load_file
 
 from captioner import Captioner
-from captioner.encoders import build_encoder
-from captioner.features import cache_key, cached_features, compute_features
-from captioner.metrics import score_captions
-from captioner.finetune import features_from_boundary
-from captioner.recipe import TrainConfig
-from captioner.training import train
+from captioner.cli import main
+from captioner.evaluation.metrics import score_captions
+from captioner.model.encoders import build_encoder
+from captioner.training.features import cache_key, cached_features, compute_features
+from captioner.training.finetune import features_from_boundary
+from captioner.training.loop import train
+from captioner.training.recipe import TrainConfig
 
 from conftest import SCENES, add_to_tar, draw_scene
 
@@ -362,10 +363,14 @@ def test_two_datasets_with_image_evidence(tiny_dataset, tmp_path):
     table.write_text("circle\nsquare\ntriangle\n")
     config = tiny_config(tiny_dataset, tmp_path, epochs=4, labels=True, concepts=4, concept_min_images=1,
                          self_critical_epochs=1, self_critical_samples=2, self_critical_balanced=True,
-                         objects=str(table), datasets=[{"path": str(first), "images": str(tiny_dataset.parent),
-                                                        "name": "tiny"},
-                                                       {"path": str(other / "captions.jsonl"), "name": "other"}])
-    best = train(config)
+                         objects=str(table))
+    datasets = [{"path": str(first), "images": str(tiny_dataset.parent), "name": "tiny"},
+                {"path": str(other / "captions.jsonl"), "name": "other"}]
+    recipe = tmp_path / "two.toml"  # as a user lists several datasets: tables in a recipe file
+    recipe.write_text("".join("[[datasets]]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in d.items())
+                              for d in datasets))
+    assert main(["train", str(recipe), *cli_flags(config)]) == 0  # the command also scores the test splits
+    best = tmp_path / "run" / "best"
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [row.get("phase") for row in rows] == [None] * 4 + ["self-critical"]
     for row in rows:

@@ -1,6 +1,6 @@
 import pytest
 
-from captioner.vocab import END, PAD, SPECIALS, START, UNK, Vocabulary, detokenize, tokenize
+from captioner.data.vocab import END, PAD, SPECIALS, START, UNK, Vocabulary, detokenize, tokenize
 
 
 def test_tokenize_lowercases_and_drops_punctuation():
@@ -54,7 +54,7 @@ def test_detokenize_for_display():
 
 
 def test_sentence_guard_makes_articles_and_numbers_agree():
-    from captioner.vocab import agree
+    from captioner.data.vocab import agree
 
     known = {"zebra", "zebras", "elephant", "dog", "dogs", "black", "blacks", "man", "men"}
     assert agree("a elephant near a umbrella".split(), known) == "an elephant near an umbrella".split()

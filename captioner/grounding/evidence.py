@@ -1,0 +1,61 @@
+"""How decoding reads what the image shows: additions to the word logits that lower the words the
+image does not evidently support. Three sources, each with its own weight (0: off):
+- the concept evidence (`evidence_weight`, `evidence_threshold`): a concept word whose support (its
+  concept detector's probability, or that of the ImageNet classes whose everyday word it is) is
+  below the threshold loses `evidence_weight * log(support / evidence_threshold)`;
+- the person detector (`person_weight`, `person_threshold`): every word that names a person loses
+  `person_weight * log(p / person_threshold)` where the photo's person probability p is below it;
+- the object detectors (`object_weight`, `object_threshold`): the words that name each object lose
+  the same on that object's probability. Unlike the concept penalty only object words are touched,
+  so a caption loses objects that are not there and keeps its other words. An animal's detector
+  stands down where the encoder's classifier is sure some animal is there: a decoder that never read
+  "cheetah" calls one "a dog", and which animal it is, the classifier says (naming.py).
+
+The detectors' weights are the decoder's buffers (model/decoder.py), fitted after training
+(detectors.py)."""
+
+from __future__ import annotations
+
+import torch
+
+from .naming import ANIMAL_CLASSES, PRESENT
+
+
+def evidence_bias(decoder, features: torch.Tensor, label_probs, concept_probs, weight: float, threshold: float,
+                  person_weight: float, object_weight: float, object_threshold: float) -> torch.Tensor | None:
+    """B x V additions to the word logits: `weight * log(support / threshold)` for concept
+    words whose support is below `threshold`, and the person and object detectors' penalties on
+    the words that name their objects; 0 elsewhere; None when there is nothing to add."""
+    c = decoder.config
+    terms = []
+    if weight > 0 and concept_probs is not None:
+        terms.append(concept_bias(decoder, label_probs, concept_probs, weight, threshold))
+    if person_weight > 0 and c.person_detector:
+        terms.append(detector_penalty(decoder.person_probability(features)[:, None], c.person_threshold,
+                                      person_weight, decoder.person_words[None]))
+    if object_weight > 0 and c.object_detectors:
+        probs = decoder.object_probabilities(features)
+        if label_probs is not None:  # an animal's word may be the stand-in naming.py renames
+            sure = label_probs[:, :ANIMAL_CLASSES].float().sum(1, keepdim=True) >= PRESENT
+            probs = torch.where(sure & decoder.object_animals.bool(), torch.ones_like(probs), probs)
+        terms.append(detector_penalty(probs, object_threshold, object_weight, decoder.object_words))
+    return sum(terms) if terms else None
+
+
+def concept_bias(decoder, label_probs, concept_probs, weight: float, threshold: float) -> torch.Tensor:
+    """B x V: the concept evidence penalty alone."""
+    support = concept_probs.float()
+    if label_probs is not None:
+        mapped = decoder.label_words >= 0
+        by_word = label_probs.new_zeros(label_probs.size(0), decoder.config.vocab_size).float()
+        by_word.index_add_(1, decoder.label_words[mapped], label_probs[:, mapped].float())
+        support = torch.maximum(support, by_word[:, decoder.concept_words])
+    bias = concept_probs.new_zeros(concept_probs.size(0), decoder.config.vocab_size).float()
+    bias[:, decoder.concept_words] = weight * torch.log(support.clamp_min(1e-6) / threshold).clamp(max=0)
+    return bias
+
+
+def detector_penalty(probs: torch.Tensor, threshold: float, weight: float, words: torch.Tensor) -> torch.Tensor:
+    """B x K detector probabilities, K x V word masks -> B x V: `weight * log(p / threshold)` on the
+    words of each detector whose p is below the threshold."""
+    return weight * torch.log(probs.clamp_min(1e-6) / threshold).clamp(max=0) @ words.float()

@@ -1,0 +1,208 @@
+"""Decoding: greedy (argmax), sampling and beam search, all batched over images.
+
+Each returns, per image, a list of `Caption`s (one for greedy, `num_samples` for sampling,
+`beam_size` ranked beams for beam search) and stops as soon as every sequence has ended.
+Log-probabilities are always the model's own (temperature 1, no truncation), so scores of
+different methods compare. `max_length` counts generated tokens, <end> included; a caption that
+reaches it without <end> is returned with `ended=False`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..data.vocab import END, NEVER_GENERATED, PAD, START
+from ..model.decoder import CaptionDecoder
+
+BANNED = NEVER_GENERATED
+
+
+@dataclass
+class Caption:
+    tokens: list[int]  # the words, without <start>/<end>
+    logprob: float  # total, including the <end> token when the caption ended
+    token_logprobs: list[float] = field(default_factory=list)
+    ended: bool = True  # False when max_length cut the caption before <end>
+    score: float | None = None  # beam search's length-normalised ranking score
+
+    @property
+    def perplexity(self) -> float:
+        return float(torch.tensor(-self.logprob / max(1, len(self.token_logprobs))).exp())
+
+
+def map_state(fn, state):
+    """Applies `fn` to every tensor of a decoder state (nested tuples of tensors, and None for a part
+    a decoder does not have)."""
+    if state is None:
+        return None
+    if isinstance(state, torch.Tensor):
+        return fn(state)
+    return tuple(map_state(fn, s) for s in state)
+
+
+def _log_probs(decoder: CaptionDecoder, tokens: torch.Tensor, state, step: int):
+    logits, state = decoder.step(tokens, state)
+    logp = F.log_softmax(logits.float(), dim=-1)
+    logp[:, list(BANNED)] = float("-inf")
+    if step == 0:
+        logp[:, END] = float("-inf")  # no empty captions
+    return logp, state
+
+
+def _collect(tokens: torch.Tensor, logps: torch.Tensor) -> list[Caption]:
+    """tokens/logps: N x T, PAD after the end. -> one Caption per row."""
+    out = []
+    for row, lp in zip(tokens.tolist(), logps.tolist()):
+        words, token_lps, ended = [], [], False
+        for tok, p in zip(row, lp):
+            if tok == PAD:
+                break
+            token_lps.append(p)
+            if tok == END:
+                ended = True
+                break
+            words.append(tok)
+        out.append(Caption(words, float(sum(token_lps)), token_lps, ended))
+    return out
+
+
+def _run(decoder: CaptionDecoder, features: torch.Tensor, max_length: int, choose, evidence: dict | None) -> list[Caption]:
+    """Shared loop of greedy and sampling: `choose(logp, step, rows)` picks one token for each of
+    `rows`, the sequences still running. A sequence leaves the batch once it has ended, so every
+    step costs only what is still being written."""
+    n, device = features.size(0), features.device
+    state = decoder.start(features, **(evidence or {}))
+    rows = torch.arange(n, device=device)
+    tokens = torch.full((n,), START, dtype=torch.long, device=device)
+    chosen = torch.full((n, max_length), PAD, dtype=torch.long, device=device)
+    chosen_lp = torch.zeros(n, max_length, device=device)
+    for t in range(max_length):
+        logp, state = _log_probs(decoder, tokens, state, t)
+        tokens = choose(logp, t, rows)
+        chosen[rows, t] = tokens
+        chosen_lp[rows, t] = logp.gather(1, tokens[:, None])[:, 0]
+        running = tokens != END
+        if not bool(running.all()):
+            if not bool(running.any()):
+                break
+            keep = running.nonzero()[:, 0]
+            rows, tokens = rows[keep], tokens[keep]
+            state = map_state(lambda s: s.index_select(1, keep), state)
+    return _collect(chosen[:, : t + 1], chosen_lp[:, : t + 1])
+
+
+@torch.inference_mode()
+def greedy(decoder: CaptionDecoder, features: torch.Tensor, max_length: int = 20,
+           evidence: dict | None = None) -> list[list[Caption]]:
+    """`evidence`, for this and the other methods: evidence_weight / evidence_threshold overriding
+    the decoder's own (model/decoder.py)."""
+    return [[c] for c in _run(decoder, features, max_length, lambda logp, t, rows: logp.argmax(-1), evidence)]
+
+
+def _filter_logits(logp: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    scores = logp / temperature
+    if top_k and top_k < scores.size(-1):
+        kth = scores.topk(top_k, dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if 0.0 < top_p < 1.0:
+        sorted_scores, order = scores.sort(dim=-1, descending=True)
+        probs = sorted_scores.softmax(-1)
+        # Keep the smallest prefix whose mass reaches top_p (the most likely token always stays).
+        drop_sorted = probs.cumsum(-1) - probs >= top_p
+        scores = scores.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
+    return scores
+
+
+@torch.inference_mode()
+def sample(decoder: CaptionDecoder, features: torch.Tensor, *, seeds: list[int], temperature: float = 1.0,
+           top_k: int = 0, top_p: float = 1.0, num_samples: int = 1, max_length: int = 20,
+           evidence: dict | None = None) -> list[list[Caption]]:
+    """Samples `num_samples` captions per image. Image i draws its randomness from its own generator
+    seeded with `seeds[i]`, so a caption does not depend on which batch its image landed in."""
+    if len(seeds) != features.size(0):
+        raise ValueError(f"need one seed per image: {len(seeds)} seeds for {features.size(0)} images")
+    if temperature < 0:
+        raise ValueError("temperature must be >= 0")
+    uniforms = torch.stack([
+        torch.rand(num_samples, max_length, generator=torch.Generator().manual_seed(int(s))) for s in seeds
+    ]).flatten(0, 1).to(features.device, torch.float64)
+    expanded = features.repeat_interleave(num_samples, dim=0)
+
+    def choose(logp: torch.Tensor, t: int, rows: torch.Tensor) -> torch.Tensor:
+        if temperature == 0:
+            return logp.argmax(-1)
+        probs = _filter_logits(logp, temperature, top_k, top_p).double().softmax(-1)
+        cdf = probs.cumsum(-1)
+        picked = torch.searchsorted(cdf, (uniforms[rows, t] * cdf[:, -1])[:, None])[:, 0]
+        return picked.clamp_(max=probs.size(-1) - 1)
+
+    flat = _run(decoder, expanded, max_length, choose, evidence)
+    return [flat[i * num_samples:(i + 1) * num_samples] for i in range(features.size(0))]
+
+
+def _banned_ngram_mask(history: torch.Tensor, n: int, vocab_size: int) -> torch.Tensor:
+    """N x V mask of tokens that would repeat an n-gram already in each row of `history` (N x T)."""
+    # One spare column takes the scatter of positions that match nothing; it is dropped at the end.
+    mask = torch.zeros(history.size(0), vocab_size + 1, dtype=torch.bool, device=history.device)
+    if n == 1:
+        mask.scatter_(1, history, True)
+    elif n > 1 and history.size(1) >= n:
+        prefix = history[:, -(n - 1):]
+        windows = history.unfold(1, n - 1, 1)[:, :-1]  # every (n-1)-gram that has a successor
+        hits = (windows == prefix[:, None]).all(-1)
+        mask.scatter_(1, torch.where(hits, history[:, n - 1:], vocab_size), True)
+    return mask[:, :vocab_size]
+
+
+def length_penalty(length: int, alpha: float) -> float:
+    """GNMT's ((5 + length) / 6) ** alpha; alpha 0 ranks by raw log-probability."""
+    return ((5.0 + length) / 6.0) ** alpha
+
+
+@torch.inference_mode()
+def beam_search(decoder: CaptionDecoder, features: torch.Tensor, beam_size: int = 3, length_penalty_alpha: float = 0.0,
+                max_length: int = 20, no_repeat_ngram_size: int = 0, evidence: dict | None = None) -> list[list[Caption]]:
+    """Beams flattened to (B*K); ended beams stay in the beam with a frozen score until all K of an
+    image have ended. Beams are ranked by log-probability / length_penalty at the end. With
+    beam_size=1 this is exactly greedy decoding."""
+    b, k, device = features.size(0), beam_size, features.device
+    vocab = decoder.config.vocab_size
+    state = map_state(lambda s: s.repeat_interleave(k, dim=1), decoder.start(features, **(evidence or {})))
+    scores = torch.full((b, k), float("-inf"), device=device)
+    scores[:, 0] = 0.0
+    tokens = torch.zeros(b, k, 0, dtype=torch.long, device=device)
+    token_lps = torch.zeros(b, k, 0, device=device)
+    ended = torch.zeros(b, k, dtype=torch.bool, device=device)
+    last = torch.full((b * k,), START, dtype=torch.long, device=device)
+    frozen_row = torch.full((vocab,), float("-inf"), device=device)
+    frozen_row[PAD] = 0.0  # an ended beam only continues with padding, at no cost
+    for t in range(max_length):
+        logp, state = _log_probs(decoder, last, state, t)
+        if no_repeat_ngram_size and t:
+            logp = logp.masked_fill(_banned_ngram_mask(tokens.view(b * k, t), no_repeat_ngram_size, vocab), float("-inf"))
+        logp = torch.where(ended.view(-1, 1), frozen_row, logp)
+        candidates = (scores.view(-1, 1) + logp).view(b, k * vocab)
+        scores, flat = candidates.topk(k, dim=-1)
+        source, new_tokens = flat // vocab, flat % vocab
+        picked_lp = logp.view(b, k, vocab).gather(1, source[..., None].expand(-1, -1, vocab)).gather(2, new_tokens[..., None])[..., 0]
+        tokens = torch.cat([tokens.gather(1, source[..., None].expand(-1, -1, t)), new_tokens[..., None]], dim=2)
+        token_lps = torch.cat([token_lps.gather(1, source[..., None].expand(-1, -1, t)), picked_lp[..., None]], dim=2)
+        ended = ended.gather(1, source) | (new_tokens == END)
+        flat_source = (source + torch.arange(b, device=device)[:, None] * k).view(-1)
+        state = map_state(lambda s: s.index_select(1, flat_source), state)
+        last = new_tokens.view(-1)
+        if bool(ended.all()):
+            break
+    results = []
+    for i in range(b):
+        beams = []
+        for caption, score in zip(_collect(tokens[i], token_lps[i]), scores[i].tolist()):
+            if score == float("-inf"):
+                continue  # fewer than K possible continuations existed
+            caption.score = caption.logprob / length_penalty(len(caption.token_logprobs), length_penalty_alpha)
+            beams.append(caption)
+        results.append(sorted(beams, key=lambda c: -c.score))
+    return results
