@@ -27,9 +27,11 @@ from captioner.data.images import load_image
 from captioner.inference.engines import BACKENDS
 from captioner.inference.explain import overlay
 from captioner.model.checkpoint import test_reports
+from captioner.pipeline import BUILTIN
+from captioner.server import MAX_UPLOAD_MB, read_credentials, serve_local
 
 METHODS = {"Argmax (greedy)": "greedy", "Sample": "sample", "Beam search": "beam"}
-MAX_UPLOAD = "25mb"
+MAX_UPLOAD = f"{MAX_UPLOAD_MB}mb"
 SESSIONS_KEPT = 500
 LABELS_SHOWN = 5
 UPLOADS_KEPT_S = 3600  # uploaded files are deleted from gradio's cache after an hour
@@ -79,26 +81,6 @@ def word_details(word: dict) -> str:
         return (f"**{word['word']}**: what the encoder recognises; the decoder wrote \"{word['decoder_word']}\", "
                 f"probability {word['probability']:.0%}; weighed instead: {others}")
     return f"**{word['word']}**: probability {word['probability']:.0%}; weighed instead: {others}"
-
-
-def read_auth(pairs: list[str], auth_file: str | None) -> list[tuple[str, str]] | None:
-    """USER:PASSWORD pairs from the command line and from a file (one a line, # comments)."""
-    lines = list(pairs or [])
-    if auth_file:
-        try:
-            text = Path(auth_file).read_text(encoding="utf-8")
-        except OSError as err:
-            raise SystemExit(f"{auth_file}: cannot read ({err.strerror})") from None
-        lines += [(f"{auth_file}:{n}", line.strip()) for n, line in enumerate(text.splitlines(), 1)
-                  if line.strip() and not line.lstrip().startswith("#")]
-    credentials = []
-    for entry in lines:
-        where, pair = entry if isinstance(entry, tuple) else ("--auth", entry)
-        user, sep, password = pair.partition(":")
-        if not sep or not user or not password:
-            raise SystemExit(f"{where}: expected USER:PASSWORD")
-        credentials.append((user, password))
-    return credentials or None
 
 
 def label_scores(labels) -> dict[str, float]:
@@ -258,15 +240,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--auth-file", default=None, help="USER:PASSWORD lines, for passwords kept off the command line")
     parser.add_argument("--backend", choices=BACKENDS, default="auto",
                         help="where the encoder runs; auto: the fastest installed (OpenVINO, ONNX Runtime, PyTorch)")
+    parser.add_argument("--max-batch", type=int, default=32, help="the JSON API's most images in one model call")
+    parser.add_argument("--max-wait-ms", type=float, default=10.0,
+                        help="how long the JSON API's first request waits for others to batch with")
     args = parser.parse_args(argv)
-    auth = read_auth(args.auth, args.auth_file)
+    try:
+        auth = read_credentials(args.auth, args.auth_file)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     captioner = Captioner.from_pretrained(args.checkpoint, backend=args.backend)  # shared by every request
     captioner.caption(Image.new("RGB", (64, 64)))  # builds the encoder's engine before the first visitor
+    demo = build_app(captioner)
     # Gradio keeps per-session state for its last 10,000 sessions by default, ~90 KB each here: the
     # server grew by 45 MB a minute under load (bench/README.md). Nothing here needs old sessions.
-    build_app(captioner).launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
-                                max_file_size=MAX_UPLOAD, show_error=True, state_session_capacity=SESSIONS_KEPT)
+    demo.state_session_capacity = SESSIONS_KEPT
+    if args.share:  # a gradio.live link reaches gradio's own server: the UI and gradio_client, no /v1 API
+        demo.launch(server_name=args.host, server_port=args.port, share=True, auth=auth, max_file_size=MAX_UPLOAD,
+                    show_error=True, state_session_capacity=SESSIONS_KEPT)
+        return
+    print(f"web UI on http://{args.host}:{args.port}/, JSON API on http://{args.host}:{args.port}/v1/captions",
+          flush=True)
+    serve_local(captioner, args.checkpoint or BUILTIN, args.host, args.port, max_batch=args.max_batch,
+                max_wait_ms=args.max_wait_ms, credentials=auth, max_upload_mb=MAX_UPLOAD_MB,
+                wrap=lambda api: gr.mount_gradio_app(api, demo, path="/", auth=auth, max_file_size=MAX_UPLOAD,
+                                                     show_error=True))
 
 
 if __name__ == "__main__":

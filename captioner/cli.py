@@ -1,4 +1,4 @@
-"""The `captioner` command: caption, train, eval, export, explain, info."""
+"""The `captioner` command: caption, train, eval, export, explain, push, info, serve."""
 
 from __future__ import annotations
 
@@ -49,16 +49,12 @@ def _add_decoding_options(p: argparse.ArgumentParser, default_method: str = "gre
 
 
 def _decoding_options(args) -> dict:
+    from .pipeline import METHOD_OPTIONS
+
     every_method = {k: getattr(args, k) for k in DECODING_DEFAULTS
                     if getattr(args, k) is not None}
     every_method["name_animals"] = args.name_animals
-    if args.method == "beam":
-        return {"beam_size": args.beam_size, "length_penalty": args.length_penalty,
-                "no_repeat_ngram_size": args.no_repeat_ngram_size, "max_length": args.max_length, **every_method}
-    if args.method == "sample":
-        return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
-                "num_samples": args.num_samples, "max_length": args.max_length, **every_method}
-    return {"max_length": args.max_length, **every_method}
+    return {**{k: getattr(args, k) for k in METHOD_OPTIONS[args.method]}, **every_method}
 
 
 def _add_device_options(p: argparse.ArgumentParser) -> None:
@@ -371,7 +367,50 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="print a checkpoint's config")
     p.add_argument("checkpoint", nargs="?", default=None)
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("serve", help="serve the JSON HTTP API (POST /v1/captions)",
+                       description="Answers this machine only unless --host says otherwise; add --auth then.")
+    p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the built-in model)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--auth", action="append", metavar="USER:PASSWORD",
+                   help="require HTTP Basic credentials (repeat for more users)")
+    p.add_argument("--auth-file", default=None, help="USER:PASSWORD lines, for passwords kept off the command line")
+    p.add_argument("--max-batch", type=int, default=32,
+                   help="most images in one model call (with --ray: most requests in one batch)")
+    p.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a request waits for others to batch with")
+    p.add_argument("--max-images", type=int, default=32, help="most images in one request")
+    p.add_argument("--max-upload-mb", type=float, default=25.0, help="largest image file accepted")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="deploy on Ray Serve: a local Ray, or the cluster at ADDRESS ('auto': the running one)")
+    p.add_argument("--replicas", type=int, default=1, help="with --ray: copies of the model serving requests")
+    _add_device_options(p)
+    p.set_defaults(func=cmd_serve)
     return parser
+
+
+def cmd_serve(args) -> int:
+    import logging
+
+    from .pipeline import BUILTIN
+    from .server import read_credentials, serve_local, serve_on_ray
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    api_options = {"credentials": read_credentials(args.auth, args.auth_file), "max_images": args.max_images,
+                   "max_upload_mb": args.max_upload_mb}
+    name = args.checkpoint or BUILTIN
+    if args.ray is not None:
+        load_options = {"device": args.device, "precision": args.precision, "backend": args.backend, "fold": args.fold}
+        serve_on_ray(args.ray, args.host, args.port, args.checkpoint, name, load_options, replicas=args.replicas,
+                     max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, **api_options)
+        return EXIT_OK
+    from PIL import Image
+
+    captioner = _load(args)
+    captioner.caption(Image.new("RGB", (64, 64)))  # builds the encoder's engine before the first request
+    serve_local(captioner, name, args.host, args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                **api_options)
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,12 @@ from .model.runtime import autocast_dtype
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 BUILTIN = "flickr8k_coco"
 METHODS = ("greedy", "sample", "beam")
+# The options of `Captioner.decode` that each method reads; every method also reads the grounding
+# settings (None: the checkpoint's own) and `name_animals`.
+METHOD_OPTIONS = {"greedy": ("max_length",),
+                  "sample": ("temperature", "top_k", "top_p", "num_samples", "max_length"),
+                  "beam": ("beam_size", "length_penalty", "no_repeat_ngram_size", "max_length")}
+GROUNDING_OPTIONS = ("evidence_weight", "evidence_threshold", "person_weight", "object_weight", "object_threshold")
 
 
 @dataclass
@@ -209,6 +215,16 @@ class Captioner:
             if good:
                 self._caption_batch(self.encode(torch.stack(pixels)), good, results, method,
                                     [base_seed + i for i in good], options, labels)
+        return results
+
+    def caption_pixels(self, pixels: torch.Tensor, sources: Sequence[str], method: str | None = "greedy", *,
+                       seeds: Sequence[int] | None = None, labels: int = 0, **options) -> list[ImageResult]:
+        """Captions images already preprocessed (B x 3 x H x W, as `transform.load` gives them) in one
+        model call, image i with seed `seeds[i]` when sampling: what a server batching the images of
+        several requests runs. `sources` name the results."""
+        results = [ImageResult(source) for source in sources]
+        seeds = list(seeds) if seeds is not None else [0] * len(results)
+        self._caption_batch(self.encode(pixels), list(range(len(results))), results, method, seeds, options, labels)
         return results
 
     def _caption_batch(self, features, indices, results, method, seeds, options, labels: int = 0) -> None:

@@ -4,6 +4,7 @@ import csv
 import shutil
 from pathlib import Path
 
+import httpx
 import pytest
 
 from conftest import ROOT, bomb, draw_scene, load_bench
@@ -195,6 +196,12 @@ def test_auth_refuses_the_page_and_the_api_without_credentials(tiny_checkpoint, 
             assert caption(client, scene_paths[0])[0] == "A red circle on a white background."
         with pytest.raises(Exception):
             Client(url, auth=("ann", "wrong"), verbose=False)
+        # the JSON API beside the UI asks for the same users' credentials
+        image = [("images", (scene_paths[0].name, scene_paths[0].read_bytes()))]
+        for auth in (None, ("ann", "wrong")):
+            assert httpx.post(url + "v1/captions", files=image, auth=auth, timeout=60).status_code == 401
+        answer = httpx.post(url + "v1/captions", files=image, auth=("bob", "hunter22"), timeout=60)
+        assert answer.json()["images"][0]["caption"] == "A red circle on a white background."
     finally:
         stop_app(proc)
 

@@ -26,7 +26,15 @@ _INTERPOLATION = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resamp
 
 
 class ImageError(ValueError):
-    """An input that cannot be used as an image; the message names the input and the reason."""
+    """An input that cannot be used as an image; the message names the input and the reason.
+    `reason`: "missing", "empty", "too_large" (above the pixel limit) or "unreadable"."""
+
+    def __init__(self, message: str, reason: str = "unreadable"):
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self):  # DataLoader workers send errors back pickled
+        return type(self), (str(self), self.reason)
 
 
 def describe(src: ImageInput) -> str:
@@ -83,13 +91,13 @@ def load_image(src: ImageInput, *, draft_size: int | None = None, max_pixels: in
         if isinstance(src, (str, os.PathLike)):
             path = Path(src)
             if not path.is_file():
-                raise ImageError(f"{name}: no such file")
+                raise ImageError(f"{name}: no such file", "missing")
             if path.stat().st_size == 0:
-                raise ImageError(f"{name}: empty file (0 bytes)")
+                raise ImageError(f"{name}: empty file (0 bytes)", "empty")
             stream = path.open("rb")
         elif isinstance(src, bytes):
             if not src:
-                raise ImageError(f"{name}: empty input")
+                raise ImageError(f"{name}: empty input", "empty")
             stream = io.BytesIO(src)
         elif isinstance(src, ShardMember):
             try:
@@ -104,7 +112,8 @@ def load_image(src: ImageInput, *, draft_size: int | None = None, max_pixels: in
                 img = Image.open(stream)
         except Image.DecompressionBombError as err:
             stream.close()
-            raise ImageError(f"{name}: refused, too many pixels (above the limit of {max_pixels:,}; {err})") from err
+            raise ImageError(f"{name}: refused, too many pixels (above the limit of {max_pixels:,}; {err})",
+                             "too_large") from err
         except UnidentifiedImageError as err:
             stream.close()
             raise ImageError(f"{name}: not a readable image (unknown or corrupt format)") from err
@@ -114,8 +123,8 @@ def load_image(src: ImageInput, *, draft_size: int | None = None, max_pixels: in
     pixels = img.width * img.height
     if pixels > max_pixels:
         raise ImageError(
-            f"{name}: refused, {img.width:,}x{img.height:,} = {pixels:,} pixels is above the limit of {max_pixels:,}"
-        )
+            f"{name}: refused, {img.width:,}x{img.height:,} = {pixels:,} pixels is above the limit of {max_pixels:,}",
+            "too_large")
     try:
         if draft_size and img.format == "JPEG":
             img.draft("RGB", (draft_size, draft_size))
