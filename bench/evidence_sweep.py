@@ -27,9 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from captioner import Captioner  # noqa: E402
 from captioner.data.datasets import load_dataset  # noqa: E402
 from captioner.data.loading import image_batches  # noqa: E402
-from captioner.evaluation.hallucination import ObjectTable, hallucination  # noqa: E402
+from captioner.evaluation.hallucination import ObjectTable, by_person, hallucination  # noqa: E402
 from captioner.evaluation.metrics import caption_stats, score_captions  # noqa: E402
-from captioner.grounding.detectors import shows_person  # noqa: E402
 from captioner.model.runtime import keep_freed_memory  # noqa: E402
 
 
@@ -42,12 +41,11 @@ def score_cells(predictions: dict, references: dict, ended: list, table: ObjectT
     scores = score_captions(predictions, references, metrics=("bleu", "cider"))
     h = hallucination(predictions, references, table)
     stats = caption_stats(list(predictions.values()), ended)
-    shows = shows_person([references[key] for key in predictions], table)
-    no_person = [key for key, person in zip(predictions, shows.tolist()) if not person]
-    invented = sum("person" in table.mentions(predictions[key]) for key in no_person)
+    without = by_person(predictions, references, table).get("without_person", {"photos": 0, "person_invented": 0})
+    invented = round(without["person_invented"] * without["photos"] / 100)
     return (f"{scores['BLEU-4']:.2f} | {scores['CIDEr']:.2f} | {h['CHAIRs']:.1f} | {h['CHAIRi']:.1f} | "
             f"{h['object_recall']:.1f} | {stats['distinct_words']} | {stats['distinct_captions']} | "
-            f"{stats['cut_mid_phrase']} | {invented} of {len(no_person)}")
+            f"{stats['cut_mid_phrase']} | {invented} of {without['photos']}")
 
 
 def main() -> int:

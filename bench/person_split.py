@@ -9,8 +9,9 @@ model would fare on a mix other than coco_extra's.
 A photo is "without a person" when none of its references names one (the CHAIR table's person
 group). Each checkpoint (default: the built-in model) decodes with its own settings; prints BLEU-4,
 CIDEr, CHAIRs, CHAIRi, object recall and the objects most invented, per checkpoint and group (each
-group's CIDEr takes its document frequencies from that group's references), then the two groups'
-figures averaged: a rough estimate for photos half of which show a person, as COCO's do.
+group's CIDEr takes its document frequencies from that group's references), the share of photos
+without a person whose caption invents one, then the two groups' figures averaged: a rough estimate
+for photos half of which show a person, as COCO's do.
 """
 
 from __future__ import annotations
@@ -26,9 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from captioner import Captioner  # noqa: E402
 from captioner.data.datasets import load_dataset  # noqa: E402
 from captioner.data.loading import image_batches  # noqa: E402
-from captioner.evaluation.hallucination import ObjectTable, hallucination  # noqa: E402
+from captioner.evaluation.hallucination import ObjectTable, by_person, hallucination, names_person  # noqa: E402
 from captioner.evaluation.metrics import score_captions  # noqa: E402
-from captioner.grounding.detectors import shows_person  # noqa: E402
 from captioner.model.runtime import keep_freed_memory  # noqa: E402
 
 
@@ -49,8 +49,7 @@ def main() -> int:
     table = ObjectTable.load(args.objects)
     records = load_dataset(args.dataset).split(args.split)
     references = {str(r.image): r.captions for r in records}
-    shows = shows_person(list(references.values()), table)
-    without = {key for key, person in zip(references, shows.tolist()) if not person}
+    without = {key for key, refs in references.items() if not names_person(table, refs)}
     groups = {"all": set(references), "with a person": set(references) - without, "without a person": without}
     groups = {name: keys for name, keys in groups.items() if keys}
     print("checkpoint | photos | BLEU-4 | CIDEr | CHAIRs | CHAIRi | recall | most invented")
@@ -68,6 +67,10 @@ def main() -> int:
             figures[group] = [scores["BLEU-4"], scores["CIDEr"], h["CHAIRs"], h["CHAIRi"], h["object_recall"]]
             invented = ", ".join(f"{obj} {n}" for obj, n in h["most_invented"][:3])
             print(f"{checkpoint or 'built-in'} | {group} ({len(keys)}) | {cells(figures[group])} | {invented}",
+                  flush=True)
+        if without:
+            invented = by_person(predictions, references, table)["without_person"]["person_invented"]
+            print(f"{checkpoint or 'built-in'} | a person invented in {invented:.1f}% of the photos without one |",
                   flush=True)
         if figures.keys() >= {"with a person", "without a person"}:
             half = [(a + b) / 2 for a, b in zip(figures["with a person"], figures["without a person"])]

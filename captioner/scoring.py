@@ -10,7 +10,7 @@ import torch
 
 from .data.atomic import atomic_file
 from .data.datasets import CaptionDataset, dataset_name, load_dataset, load_datasets
-from .evaluation.hallucination import ObjectTable, hallucination
+from .evaluation.hallucination import ObjectTable, by_person, hallucination
 from .evaluation.metrics import caption_stats, score_captions
 from .pipeline import Captioner
 from .training.distributed import log
@@ -22,7 +22,8 @@ def evaluate(captioner: Captioner, dataset: str | Path | CaptionDataset, split: 
              out_dir: str | Path | None = None, batch_size: int = 50, workers: int | None = None, limit: int = 0,
              objects: str | Path | None = None, **options) -> dict:
     """-> scores (BLEU-1..4, METEOR, ROUGE-L, CIDEr) and caption stats, and with `objects` (the
-    CHAIR table) object hallucination and recall; with `out_dir`, writes predictions.jsonl and
+    CHAIR table) object hallucination and recall, also for photos with and without a person apart
+    (`by_person`); with `out_dir`, writes predictions.jsonl and
     scores.json there. `dataset`: a path as `load_dataset` reads it, or a dataset already read."""
     table = ObjectTable.load(objects) if objects else None  # a bad table fails before captioning
     data = dataset if isinstance(dataset, CaptionDataset) else load_dataset(dataset, images, format)
@@ -50,6 +51,7 @@ def evaluate(captioner: Captioner, dataset: str | Path | CaptionDataset, split: 
               "stats": stats, "failed_images": len(records) - len(predictions)}
     if table is not None:
         report["hallucination"] = hallucination(predictions, references, table)
+        report["by_person"] = by_person(predictions, references, table)
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -72,7 +74,13 @@ def format_report(report: dict) -> str:
         f"distinct words {st['distinct_words']}, distinct captions {st['distinct_captions']}/{st['captions']}, "
         f"mean length {st['mean_length']:.1f}, cut mid-phrase {st['cut_mid_phrase']}, "
         f"hit max length {st['hit_max_length']}",
-    ] + ([_format_hallucination(report["hallucination"])] if "hallucination" in report else []))
+    ] + ([_format_hallucination(report["hallucination"])] if "hallucination" in report else [])
+      + [f"{PERSON_GROUPS[group]} ({h['photos']}): " + _format_hallucination(h)
+         + (f"; a person invented in {h['person_invented']:.1f}%" if "person_invented" in h else "")
+         for group, h in report.get("by_person", {}).items()])
+
+
+PERSON_GROUPS = {"with_person": "photos with a person", "without_person": "photos without a person"}
 
 
 def _format_hallucination(h: dict) -> str:

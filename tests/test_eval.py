@@ -40,6 +40,9 @@ def test_caption_stats_count_vocabulary_and_cut_captions():
     stats = caption_stats(["A dog runs.", "A dog runs.", "A man in a red"], ended=[True, True, False])
     assert stats["distinct_words"] == 6 and stats["distinct_captions"] == 2
     assert stats["cut_mid_phrase"] == 1 and stats["hit_max_length"] == 1
+    # "each other" ends a sentence; "other" alone, or "the other", does not
+    ended = ["Two dogs play with each other.", "A dog next to the other.", "A dog and another", "Dogs near each other"]
+    assert [caption_stats([c])["cut_mid_phrase"] for c in ended] == [0, 1, 1, 0]
 
 
 def test_eval_command_on_a_fixture_with_a_known_answer(tiny_checkpoint, scene_dir, tmp_path):
@@ -83,6 +86,11 @@ def test_eval_reports_object_hallucination_with_a_chair_table(tiny_checkpoint, s
     # salient objects (>= 3 references) exist nowhere in 2-reference images
     assert h["object_mentions"] == 2 and h["CHAIRi"] == 0.0 and h["CHAIRs"] == 0.0
     assert "CHAIRs 0.0%" in result.stdout
+    # no reference names a person (the table has no person group): every photo is "without a person"
+    split = json.loads((out / "scores.json").read_text())["by_person"]
+    assert set(split) == {"without_person"} and split["without_person"]["photos"] == 3
+    assert split["without_person"]["person_invented"] == 0.0 and split["without_person"]["CHAIRs"] == 0.0
+    assert "photos without a person (3): CHAIRs 0.0%" in result.stdout
     bad = subprocess.run([sys.executable, "-m", "captioner", "eval", str(tiny_checkpoint), "--dataset", str(csv),
                           "--images", str(scene_dir), "--objects", str(tmp_path / "none.txt")],
                          capture_output=True, text=True)

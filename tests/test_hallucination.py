@@ -2,7 +2,7 @@
 
 import pytest
 
-from captioner.evaluation.hallucination import ObjectTable, hallucination, singular
+from captioner.evaluation.hallucination import ObjectTable, by_person, hallucination, names_person, singular
 
 TABLE = """person, man, woman, people, child, boy, baby
 dog, puppy
@@ -57,6 +57,28 @@ def test_chair_scores_counted_by_hand(table):
     assert dict(h["most_invented"]) == {"dog": 1, "person": 1, "bear": 1}
     missed = hallucination({"2": "A tree by a river."}, references, table)
     assert missed["object_recall"] == 0.0 and missed["CHAIRs"] == 0.0 and missed["CHAIRi"] == 0.0
+
+
+def test_photos_with_and_without_a_person_scored_apart(table):
+    references = {
+        "walk": ["A man walks a dog.", "A dog on a leash.", "A dog.", "A dog walks.", "A brown dog."],
+        "zoo": ["An elephant.", "An elephant by a tree.", "A large elephant.", "An elephant walks.", "A tree."],
+        "dinner": ["A table.", "A dining table.", "Food on a table.", "A table set for dinner.", "A kitchen."],
+    }
+    predictions = {
+        "walk": "A dog on a leash.",               # with a person (one reference says "man")
+        "zoo": "A man feeds an elephant.",         # without one: a person invented
+        "dinner": "A table with food.",            # without one: nothing invented
+    }
+    assert [names_person(table, refs) for refs in references.values()] == [True, False, False]
+    split = by_person(predictions, references, table)
+    assert split["with_person"]["photos"] == 1 and "person_invented" not in split["with_person"]
+    assert split["with_person"]["CHAIRs"] == 0.0 and split["with_person"]["object_recall"] == 100.0
+    without = split["without_person"]
+    assert without["photos"] == 2 and without["person_invented"] == pytest.approx(50.0)
+    assert without["CHAIRs"] == pytest.approx(50.0) and without["CHAIRi"] == pytest.approx(100 * 1 / 3)
+    assert dict(without["most_invented"]) == {"person": 1}
+    assert "with_person" not in by_person({"zoo": "A tree."}, references, table)
 
 
 def test_a_bad_table_names_its_file_and_line(tmp_path):

@@ -3,7 +3,6 @@ API's, every bad input its own 4xx, HTTP Basic auth, dynamic batching, and Ray S
 
 import concurrent.futures
 import importlib.util
-import io
 import os
 import signal
 import subprocess
@@ -14,7 +13,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from PIL import Image
 
 from conftest import bomb, load_bench
 

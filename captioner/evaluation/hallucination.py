@@ -93,6 +93,9 @@ class ObjectTable:
         return found
 
 
+PERSON = "person"  # the CHAIR table's group for people
+
+
 def reference_objects(table: ObjectTable, references: Sequence[str], salient: int = 3) -> tuple[set[str], set[str]]:
     """The objects any of an image's references name, and those at least `salient` of them name."""
     named_by = Counter(obj for ref in references for obj in set(table.mentions(ref)))
@@ -122,3 +125,25 @@ def hallucination(predictions: Mapping[str, str], references: Mapping[str, Seque
         "object_mentions": mentions,
         "most_invented": invented.most_common(5),
     }
+
+
+def names_person(table: ObjectTable, references: Sequence[str]) -> bool:
+    """Whether any of an image's references names a person: what sets photos with people apart."""
+    return PERSON in reference_objects(table, references)[0]
+
+
+def by_person(predictions: Mapping[str, str], references: Mapping[str, Sequence[str]], table: ObjectTable,
+              salient: int = 3) -> dict:
+    """`hallucination` of the photos with a person and of those without, apart (each with its
+    `photos`); for those without, also `person_invented`: the percentage whose caption names one."""
+    groups: dict[str, dict[str, str]] = {"with_person": {}, "without_person": {}}
+    for key, caption in predictions.items():
+        groups["with_person" if names_person(table, references[key]) else "without_person"][key] = caption
+    split = {}
+    for group, picked in groups.items():
+        if picked:
+            split[group] = {"photos": len(picked), **hallucination(picked, references, table, salient)}
+    if "without_person" in split:
+        invented = sum(PERSON in table.mentions(caption) for caption in groups["without_person"].values())
+        split["without_person"]["person_invented"] = 100 * invented / len(groups["without_person"])
+    return split

@@ -64,11 +64,17 @@ def score_captions(predictions: Mapping[str, str], references: Mapping[str, Sequ
     return scores
 
 
+def cut_mid_phrase(words: Sequence[str]) -> bool:
+    """Whether a caption's words end on one that wants another after it ("a man in a red"); "each
+    other" ends a sentence, though "other" alone does not ("next to the other")."""
+    return bool(words) and words[-1] in DANGLING and words[-2:] != ["each", "other"]
+
+
 def caption_stats(captions: Sequence[str], ended: Sequence[bool] | None = None) -> dict:
     """Vocabulary use and truncation: distinct words, distinct captions, captions cut mid-phrase."""
     words = [tokenize(c) for c in captions]
     counts = Counter(w for ws in words for w in ws)
-    dangling = sum(1 for ws in words if ws and ws[-1] in DANGLING)
+    dangling = sum(map(cut_mid_phrase, words))
     unended = sum(1 for e in ended if not e) if ended is not None else 0
     return {
         "captions": len(captions),

@@ -19,10 +19,8 @@ from typing import Sequence
 import torch
 
 from ..data.vocab import Vocabulary
-from ..evaluation.hallucination import ObjectTable, reference_objects, singular
+from ..evaluation.hallucination import PERSON, ObjectTable, names_person, reference_objects, singular
 from .naming import animal_names
-
-PERSON = "person"  # the CHAIR table's name for the group
 
 
 def shows(references: Sequence[Sequence[str]], table: ObjectTable, objects: Sequence[str]) -> torch.Tensor:
@@ -34,7 +32,7 @@ def shows(references: Sequence[Sequence[str]], table: ObjectTable, objects: Sequ
 
 def shows_person(references: Sequence[Sequence[str]], table: ObjectTable) -> torch.Tensor:
     """One bool an image: whether any of its references names a person."""
-    return shows(references, table, [PERSON])[:, 0]
+    return torch.tensor([names_person(table, refs) for refs in references], dtype=torch.bool)
 
 
 def word_masks(vocab: Vocabulary, table: ObjectTable, objects: Sequence[str]) -> torch.Tensor:

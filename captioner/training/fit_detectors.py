@@ -11,9 +11,9 @@ from typing import Sequence
 import torch
 
 from ..data.datasets import ImageCaptions
-from ..evaluation.hallucination import ObjectTable
-from ..grounding.detectors import (PERSON, animal_objects, auc, fit_object_detectors, fit_person_detector,
-                                   person_word_ids, shows, shows_person, word_masks)
+from ..evaluation.hallucination import PERSON, ObjectTable
+from ..grounding.detectors import (animal_objects, auc, fit_object_detectors, fit_person_detector, person_word_ids,
+                                   shows, shows_person, word_masks)
 from ..model.checkpoint import load_checkpoint, save_checkpoint
 from ..model.decoder import CaptionDecoder, pooled_image, set_step
 from ..model.ensemble import build_decoder
