@@ -4,7 +4,8 @@ each word coloured by its probability, and selecting a word shows the photo regi
     python app.py [--checkpoint DIR] [--host 127.0.0.1] [--port 7860] [--share] [--auth USER:PASSWORD]
 
 Runs offline on the built-in model by default, reachable from this machine only. Named API
-endpoints (`/caption`, `/explain`, `/caption_batch`) serve `gradio_client` too; see the README.
+endpoints (`/caption`, `/explain`, `/caption_batch`) serve `gradio_client` too, and the JSON API
+(`POST /v1/captions`, captioner/server.py) answers on the same port; see the README.
 """
 
 from __future__ import annotations
