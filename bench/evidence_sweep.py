@@ -42,10 +42,9 @@ def score_cells(predictions: dict, references: dict, ended: list, table: ObjectT
     h = hallucination(predictions, references, table)
     stats = caption_stats(list(predictions.values()), ended)
     without = by_person(predictions, references, table).get("without_person", {"photos": 0, "person_invented": 0})
-    invented = round(without["person_invented"] * without["photos"] / 100)
     return (f"{scores['BLEU-4']:.2f} | {scores['CIDEr']:.2f} | {h['CHAIRs']:.1f} | {h['CHAIRi']:.1f} | "
             f"{h['object_recall']:.1f} | {stats['distinct_words']} | {stats['distinct_captions']} | "
-            f"{stats['cut_mid_phrase']} | {invented} of {without['photos']}")
+            f"{stats['cut_mid_phrase']} | {without['person_invented']} of {without['photos']}")
 
 
 def main() -> int:

@@ -59,19 +59,22 @@ def main() -> int:
                               image_batches([r.image for r in records], captioner.transform, 50, 0)])
         beams = captioner.decode(features, "beam", beam_size=args.beam_size)
         predictions = {str(r.image): b[0].text for r, b in zip(records, beams)}
+        split = by_person(predictions, references, table)
+        chair = {"all": hallucination(predictions, references, table), "with a person": split.get("with_person"),
+                 "without a person": split.get("without_person")}
         figures = {}
         for group, keys in groups.items():
             picked = {k: predictions[k] for k in keys}
             scores = score_captions(picked, {k: references[k] for k in keys}, metrics=("bleu", "cider"))
-            h = hallucination(picked, references, table)
+            h = chair[group]
             figures[group] = [scores["BLEU-4"], scores["CIDEr"], h["CHAIRs"], h["CHAIRi"], h["object_recall"]]
             invented = ", ".join(f"{obj} {n}" for obj, n in h["most_invented"][:3])
             print(f"{checkpoint or 'built-in'} | {group} ({len(keys)}) | {cells(figures[group])} | {invented}",
                   flush=True)
         if without:
-            invented = by_person(predictions, references, table)["without_person"]["person_invented"]
-            print(f"{checkpoint or 'built-in'} | a person invented in {invented:.1f}% of the photos without one |",
-                  flush=True)
+            h = split["without_person"]
+            print(f"{checkpoint or 'built-in'} | a person invented in {h['person_invented']} of the {h['photos']} "
+                  f"photos without one ({100 * h['person_invented'] / h['photos']:.1f}%) |", flush=True)
         if figures.keys() >= {"with a person", "without a person"}:
             half = [(a + b) / 2 for a, b in zip(figures["with a person"], figures["without a person"])]
             print(f"{checkpoint or 'built-in'} | half and half | {cells(half)} |", flush=True)

@@ -76,7 +76,8 @@ def format_report(report: dict) -> str:
         f"hit max length {st['hit_max_length']}",
     ] + ([_format_hallucination(report["hallucination"])] if "hallucination" in report else [])
       + [f"{PERSON_GROUPS[group]} ({h['photos']}): " + _format_hallucination(h)
-         + (f"; a person invented in {h['person_invented']:.1f}%" if "person_invented" in h else "")
+         + (f"; a person invented in {h['person_invented']} ({100 * h['person_invented'] / h['photos']:.1f}%)"
+            if "person_invented" in h else "")
          for group, h in report.get("by_person", {}).items()])
 
 

@@ -89,7 +89,7 @@ def test_eval_reports_object_hallucination_with_a_chair_table(tiny_checkpoint, s
     # no reference names a person (the table has no person group): every photo is "without a person"
     split = json.loads((out / "scores.json").read_text())["by_person"]
     assert set(split) == {"without_person"} and split["without_person"]["photos"] == 3
-    assert split["without_person"]["person_invented"] == 0.0 and split["without_person"]["CHAIRs"] == 0.0
+    assert split["without_person"]["person_invented"] == 0 and split["without_person"]["CHAIRs"] == 0.0
     assert "photos without a person (3): CHAIRs 0.0%" in result.stdout
     bad = subprocess.run([sys.executable, "-m", "captioner", "eval", str(tiny_checkpoint), "--dataset", str(csv),
                           "--images", str(scene_dir), "--objects", str(tmp_path / "none.txt")],

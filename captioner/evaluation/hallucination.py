@@ -135,7 +135,7 @@ def names_person(table: ObjectTable, references: Sequence[str]) -> bool:
 def by_person(predictions: Mapping[str, str], references: Mapping[str, Sequence[str]], table: ObjectTable,
               salient: int = 3) -> dict:
     """`hallucination` of the photos with a person and of those without, apart (each with its
-    `photos`); for those without, also `person_invented`: the percentage whose caption names one."""
+    `photos`); for those without, also `person_invented`: how many of them a caption names one in."""
     groups: dict[str, dict[str, str]] = {"with_person": {}, "without_person": {}}
     for key, caption in predictions.items():
         groups["with_person" if names_person(table, references[key]) else "without_person"][key] = caption
@@ -144,6 +144,6 @@ def by_person(predictions: Mapping[str, str], references: Mapping[str, Sequence[
         if picked:
             split[group] = {"photos": len(picked), **hallucination(picked, references, table, salient)}
     if "without_person" in split:
-        invented = sum(PERSON in table.mentions(caption) for caption in groups["without_person"].values())
-        split["without_person"]["person_invented"] = 100 * invented / len(groups["without_person"])
+        split["without_person"]["person_invented"] = sum(PERSON in table.mentions(caption)
+                                                         for caption in groups["without_person"].values())
     return split
