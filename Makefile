@@ -25,10 +25,12 @@ test: $(VENV)/.installed-test
 
 # Retrains the built-in model with train/flickr8k_coco.toml (needs ../shared's Flickr8k and
 # coco_extra; under an hour on 2 cores) and packs its best checkpoint into the package in fp16
-# (23 MiB) with the decode-time evidence and detector settings chosen on the dev splits, scored again on both
-# test splits.
+# (23 MiB) with the decode-time grounding settings chosen on the dev splits and the classifier's
+# evidence calibrated on them, scored again on both test splits.
 builtin-model: $(VENV)/.installed
 	$(PY) -m captioner train train/flickr8k_coco.toml
 	$(PY) -m captioner export runs/flickr8k_coco/best captioner/pretrained/flickr8k_coco --fp16 \
-		--evidence-weight 0.5 --evidence-threshold 0.5 --person-weight 8 \
-		--object-weight 1 --object-threshold 0.2 --score runs/flickr8k_coco/builtin-test
+		--evidence-weight 0.5 --evidence-threshold 0.5 --person-weight 8 --person-threshold 0.5 \
+		--object-weight 3 --object-threshold 0.3 --include-threshold 0.5 \
+		--calibrate ../shared/data/coco_extra --calibrate ../shared/data/flickr8k \
+		--objects ../shared/data/coco_objects/synonyms.txt --score runs/flickr8k_coco/builtin-test

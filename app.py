@@ -25,6 +25,7 @@ from PIL import Image
 
 from captioner import Captioner
 from captioner.data.images import load_image
+from captioner.grounding.concepts import FUNCTION_WORDS
 from captioner.inference.engines import BACKENDS
 from captioner.inference.explain import overlay
 from captioner.model.checkpoint import test_reports
@@ -32,6 +33,8 @@ from captioner.pipeline import BUILTIN
 from captioner.server import MAX_UPLOAD_MB, read_credentials, serve_local
 
 METHODS = {"Argmax (greedy)": "greedy", "Sample": "sample", "Beam search": "beam"}
+GROUNDING = {"Full: keep out what is not there, bring in what surely is": "full",
+             "Avoid: keep out what is not there": "avoid", "Off": "off"}
 MAX_UPLOAD = f"{MAX_UPLOAD_MB}mb"
 SESSIONS_KEPT = 500
 LABELS_SHOWN = 5
@@ -84,6 +87,18 @@ def word_details(word: dict) -> str:
     return f"**{word['word']}**: probability {word['probability']:.0%}; weighed instead: {others}"
 
 
+def evidence_note(grounded, plain) -> str:
+    """What the image's evidence changed: the objects it brought into the caption, and the words of
+    the caption decoded without it that it kept out."""
+    kept = [w for w in dict.fromkeys(plain.words) if w not in grounded.words and w not in FUNCTION_WORDS]
+    parts = []
+    if grounded.required:
+        parts.append("**Brought in** by what the encoder's classifier surely sees: " + ", ".join(grounded.required))
+    if kept:
+        parts.append("**Kept out** (the caption without grounding says them: \"" + plain.text + "\"): " + ", ".join(kept))
+    return "\n\n".join(parts) or "The image's evidence did not change this caption."
+
+
 def label_scores(labels) -> dict[str, float]:
     """gr.Label's value: "ImageNet class (everyday word)" -> probability."""
     return {(label.name if label.word == label.name.lower() else f"{label.name} ({label.word})"): label.probability
@@ -114,18 +129,25 @@ def model_card(config: dict) -> str:
 
 
 def build_app(captioner: Captioner) -> gr.Blocks:
-    def caption(image, method, temperature, top_k, top_p, num_samples, seed, beam_size, length_penalty, max_length):
+    def caption(image, method, temperature, top_k, top_p, num_samples, seed, beam_size, length_penalty, max_length,
+                grounding="Full: keep out what is not there, bring in what surely is"):
         if image is None:
             raise user_error("Upload an image first.")
+        if grounding not in GROUNDING:
+            raise user_error(f"Unknown grounding {grounding!r}; choose one of {', '.join(GROUNDING)}.")
         name, options = decoding_options(method, temperature, top_k, top_p, num_samples, seed, beam_size,
                                          length_penalty, max_length)
         labels = LABELS_SHOWN if captioner.encoder.classifier is not None else 0
-        [result] = captioner.generate([image], name, labels=labels, **options)
+        [result] = captioner.generate([image], name, labels=labels, grounding=GROUNDING[grounding], **options)
         if result.error:
             raise user_error(result.error.replace(str(image), Path(image).name))  # never show the server's path
         rows = [[rank, c.text, round(c.logprob, 3), round(c.perplexity, 2)]
                 for rank, c in enumerate(result.captions, 1)]
-        return result.captions[0].text, rows, label_scores(result.labels)
+        note = ""
+        if GROUNDING[grounding] != "off":
+            [plain] = captioner.generate([image], name, grounding="off", **options)
+            note = evidence_note(result.captions[0], plain.captions[0])
+        return result.captions[0].text, rows, label_scores(result.labels), note
 
     def explain_caption(image, text):
         """Teacher-forces the caption shown (the top beam, or the first sample) through the model."""
@@ -185,6 +207,8 @@ def build_app(captioner: Captioner) -> gr.Blocks:
                         beam_size = gr.Slider(1, 10, value=3, step=1, label="Beam size")
                         length_penalty = gr.Slider(-1.0, 2.0, value=0.0, step=0.1, label="Length penalty α")
                     max_length = gr.Slider(5, 40, value=20, step=1, label="Max length (tokens)")
+                    grounding = gr.Radio(list(GROUNDING), value=next(iter(GROUNDING)), elem_id="grounding",
+                                         label="Grounding: what the image's evidence does to the caption")
                     button = gr.Button("Caption", variant="primary", elem_id="caption-button")
                 with gr.Column():
                     best = gr.Textbox(label="Caption", elem_id="caption-output", interactive=False)
@@ -194,6 +218,7 @@ def build_app(captioner: Captioner) -> gr.Blocks:
                                          column_widths=["12%", "52%", "18%", "18%"])
                     seen = gr.Label(num_top_classes=LABELS_SHOWN, label="What the encoder sees (ImageNet classes)",
                                     elem_id="labels-output")
+                    evidence = gr.Markdown(elem_id="evidence-output")
             with gr.Row():
                 with gr.Column():
                     words = gr.HighlightedText(label="Why: each word by its probability (select a word)",
@@ -206,7 +231,8 @@ def build_app(captioner: Captioner) -> gr.Blocks:
             gr.Examples([[str(p)] for p in EXAMPLES if p.is_file()], inputs=[image], label="Examples")
             method.change(show_controls, method, [sample_controls, beam_controls], api_name=False)
             button.click(caption, [image, method, temperature, top_k, top_p, num_samples, seed, beam_size,
-                                   length_penalty, max_length], [best, table, seen], api_name="caption").then(
+                                   length_penalty, max_length, grounding], [best, table, seen, evidence],
+                         api_name="caption").then(
                 # gradio's default ("once") drops an explain requested while the last is still running,
                 # leaving the words of an earlier caption under a new one; run the latest instead
                 explain_caption, [image, best], [words, heat, chosen, details, overlays], api_name="explain",

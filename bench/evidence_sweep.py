@@ -3,14 +3,17 @@ splits: each dataset's images are encoded once, then captioned with every settin
 
     python bench/evidence_sweep.py CHECKPOINT --dataset ../shared/data/coco_extra --dataset ../shared/data/flickr8k \
         --objects ../shared/data/coco_objects/synonyms.txt [--split val] [--weights 0,0.5,1,2] [--thresholds 0.3,0.5] \
-        [--person-weights 0,4] [--object-weights 0,2] [--object-thresholds 0.3,0.5]
+        [--person-weights 0,4] [--person-thresholds 0.3,0.5] [--object-weights 0,2] [--object-thresholds 0.3,0.5] \
+        [--include-thresholds 0,0.5] [--grounding avoid]
 
 Prints, per dataset and setting: BLEU-4, CIDEr, CHAIRs, CHAIRi, object recall, distinct words,
 distinct captions, captions cut mid-phrase, and how many photos no reference puts a person in get a
 caption that does (beam 3 unless --beam-size says otherwise). --person-weights sweeps the person
-penalty too, for a checkpoint with a person detector (the recipe's person_detector_from), and
---object-weights / --object-thresholds the object detectors' (object_detector_photos); what is not
-swept keeps the checkpoint's setting.
+penalty too, for a checkpoint with a person detector (the recipe's person_detector_from, and
+--person-thresholds its threshold), --object-weights / --object-thresholds the object detectors'
+(object_detector_photos), and --include-thresholds how surely an object the classifier vouches for
+must be there to be required (`captioner export --calibrate`; 0: none is); what is not swept keeps
+the checkpoint's setting. --grounding off / avoid / full (default) as `captioner eval` takes it.
 """
 
 from __future__ import annotations
@@ -56,8 +59,11 @@ def main() -> int:
     parser.add_argument("--weights", type=floats, default=[0.0, 0.5, 1.0, 2.0])
     parser.add_argument("--thresholds", type=floats, default=[0.5])
     parser.add_argument("--person-weights", type=floats, default=None, help="default: the checkpoint's")
+    parser.add_argument("--person-thresholds", type=floats, default=None, help="default: the checkpoint's")
     parser.add_argument("--object-weights", type=floats, default=None, help="default: the checkpoint's")
     parser.add_argument("--object-thresholds", type=floats, default=None, help="default: the checkpoint's")
+    parser.add_argument("--include-thresholds", type=floats, default=None, help="default: the checkpoint's")
+    parser.add_argument("--grounding", choices=("off", "avoid", "full"), default="full")
     parser.add_argument("--beam-size", type=int, default=3)
     args = parser.parse_args()
     keep_freed_memory()
@@ -70,10 +76,12 @@ def main() -> int:
         parser.error(f"--object-weights, --object-thresholds: {args.checkpoint} has no object detectors")
     grid = {"evidence_weight": args.weights, "evidence_threshold": args.thresholds,
             "person_weight": args.person_weights or [config.person_weight],
+            "person_threshold": args.person_thresholds or [config.person_threshold],
             "object_weight": args.object_weights or [config.object_weight],
-            "object_threshold": args.object_thresholds or [config.object_threshold]}
-    print("dataset | weight | threshold | person weight | object weight / threshold | BLEU-4 | CIDEr | CHAIRs | "
-          "CHAIRi | recall | words | captions | cut | person invented")
+            "object_threshold": args.object_thresholds or [config.object_threshold],
+            "include_threshold": args.include_thresholds or [config.include_threshold]}
+    print("dataset | weight | threshold | person weight / threshold | object weight / threshold | include | "
+          "BLEU-4 | CIDEr | CHAIRs | CHAIRi | recall | words | captions | cut | person invented")
     for dataset in args.dataset:
         records = load_dataset(dataset).split(args.split)
         paths = [r.image for r in records]
@@ -85,11 +93,12 @@ def main() -> int:
             texts, ended = [], []
             for start in range(0, len(features), 250):
                 for [best, *_] in captioner.decode(features[start:start + 250], "beam", beam_size=args.beam_size,
-                                                   **setting):
+                                                   grounding=args.grounding, **setting):
                     texts.append(best.text)
                     ended.append(best.ended)
             predictions = {str(p): t for p, t in zip(paths, texts)}
-            print(f"{Path(dataset).name} | {values[0]} | {values[1]} | {values[2]} | {values[3]} / {values[4]} | "
+            print(f"{Path(dataset).name} | {values[0]} | {values[1]} | {values[2]} / {values[3]} | "
+                  f"{values[4]} / {values[5]} | {values[6]} | "
                   f"{score_cells(predictions, references, ended, table)}", flush=True)
     return 0
 

@@ -83,7 +83,7 @@ def one_request(url: str, image: Path, method: str, options: dict, expect_error:
                 "length_penalty": 0.0, "max_length": 20, **options}
     start = time.perf_counter()
     try:
-        text, _, _ = client.predict(handle_file(str(image)), method, settings["temperature"], settings["top_k"],
+        text, *_ = client.predict(handle_file(str(image)), method, settings["temperature"], settings["top_k"],
                                  settings["top_p"], settings["num_samples"], settings["seed"], settings["beam_size"],
                                  settings["length_penalty"], settings["max_length"], api_name="/caption")
         ok = (not expect_error) and bool(text)

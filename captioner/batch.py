@@ -105,6 +105,8 @@ class ResultWriter:
                 record["captions"] = [{"caption": c.text, "logprob": round(c.logprob, 4)} for c in result.captions]
             if best.renamed:  # the animal the classifier named -> the decoder's word for it
                 record["renamed"] = {best.words[i]: word for i, word in best.renamed.items()}
+            if best.required:  # the objects the evidence brought in
+                record["brought_in"] = best.required
             if result.labels:
                 record["labels"] = [dataclasses.asdict(label) for label in result.labels]
             if sample is not None:

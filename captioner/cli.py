@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from .grounding.evidence import GROUNDING
 from .inference.engines import BACKENDS
 from .model.runtime import PRECISIONS, keep_freed_memory
 
@@ -18,10 +19,15 @@ DECODING_DEFAULTS = {
     "evidence_threshold": "support below which an object word is penalised",
     "person_weight": "penalty on words that name a person where the checkpoint's person detector sees none (it "
                      "needs a person detector: the recipe's person_detector_from)",
+    "person_threshold": "the person detector's probability below which words that name a person are penalised",
     "object_weight": "penalty on words that name an object where the checkpoint's detector for it doubts it (it "
                      "needs object detectors: the recipe's object_detector_photos)",
     "object_threshold": "an object detector's probability below which its words are penalised",
+    "include_threshold": "beam search with --grounding full: how probable (calibrated) an object the encoder's "
+                         "classifier sees must be to be required in the caption (0: none is)",
+    "max_constraints": "beam search with --grounding full: the most objects required in one caption",
 }
+INTEGER_SETTINGS = {"max_constraints"}
 
 EXIT_OK, EXIT_USAGE, EXIT_SOME_FAILED = 0, 1, 2
 
@@ -41,10 +47,14 @@ def _add_decoding_options(p: argparse.ArgumentParser, default_method: str = "gre
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--num-samples", type=int, default=1)
     g.add_argument("--max-length", type=int, default=20, help="most tokens generated, <end> included")
+    g.add_argument("--grounding", choices=GROUNDING, default="full",
+                   help="what the image's evidence does: off; avoid: keep out the words it does not support and "
+                        "name the animal the encoder's classifier recognises; full: also bring in, in beam search, "
+                        "the objects it surely shows (default)")
     for setting, meaning in DECODING_DEFAULTS.items():
-        g.add_argument("--" + setting.replace("_", "-"), type=float, default=None,
-                       help=f"{meaning} (default: the checkpoint's)")
-    g.add_argument("--no-animal-names", dest="name_animals", action="store_false",
+        g.add_argument("--" + setting.replace("_", "-"), type=int if setting in INTEGER_SETTINGS else float,
+                       default=None, help=f"expert: {meaning} (default: the checkpoint's)")
+    g.add_argument("--no-animal-names", dest="name_animals", action="store_false", default=None,
                    help="keep the decoder's animal word where the encoder's classifier is sure of another")
 
 
@@ -53,7 +63,8 @@ def _decoding_options(args) -> dict:
 
     every_method = {k: getattr(args, k) for k in DECODING_DEFAULTS
                     if getattr(args, k) is not None}
-    every_method["name_animals"] = args.name_animals
+    every_method.update(grounding=args.grounding,
+                        name_animals=args.grounding != "off" if args.name_animals is None else args.name_animals)
     return {**{k: getattr(args, k) for k in METHOD_OPTIONS[args.method]}, **every_method}
 
 
@@ -211,6 +222,27 @@ def cmd_export(args) -> int:
     if args.members:
         captioner.decoder = keep_members(captioner.decoder, args.members)
         training["members_kept"] = args.members
+    if args.calibrate:
+        if not args.objects:
+            raise UsageError("--calibrate needs --objects (the CHAIR table)")
+        from .data.datasets import load_dataset
+        from .evaluation.hallucination import ObjectTable
+        from .training.fit_detectors import calibrate_label_objects
+
+        from .data.loading import image_batches
+
+        records = [r for path in args.calibrate for r in load_dataset(path).split("val")]
+        good, parts = [], []
+        for indices, pixels, _ in image_batches([r.image for r in records], captioner.transform, 32, 0):
+            good += indices
+            parts.append(captioner.encode(pixels[0]))
+        records = [records[i] for i in good]  # an unreadable photo is left out, as `eval` leaves it
+        features = torch.cat(parts)
+        label_probs = captioner.encoder.label_probs(captioner._pooled(features))
+        captioner.decoder.config.label_objects = calibrate_label_objects(
+            captioner.decoder, captioner.vocab, features, label_probs, [r.captions for r in records],
+            ObjectTable.load(args.objects))
+        training["label_objects_from"] = {Path(p).name: "val" for p in args.calibrate}
     for setting in DECODING_DEFAULTS:
         if getattr(args, setting) is not None:  # the decoding default the exported model carries
             setattr(captioner.decoder.config, setting, getattr(args, setting))
@@ -342,8 +374,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "and write predictions and scores to DIR")
     p.add_argument("--dataset", default=None, help="with --score: the dataset, if not where the recipe had it")
     for setting, meaning in DECODING_DEFAULTS.items():
-        p.add_argument("--" + setting.replace("_", "-"), type=float, default=None,
-                       help=f"the default the exported model carries: {meaning}")
+        p.add_argument("--" + setting.replace("_", "-"), type=int if setting in INTEGER_SETTINGS else float,
+                       default=None, help=f"the default the exported model carries: {meaning}")
+    p.add_argument("--calibrate", action="append", default=None, metavar="DATASET",
+                   help="fit which objects the encoder's classifier vouches for, and how surely, on this dataset's "
+                        "dev split (repeatable), for --include-threshold; needs --objects")
+    p.add_argument("--objects", default=None, help="with --calibrate: the CHAIR table (synonyms.txt)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("explain", help="per-word heat maps and word probabilities of one image's caption")

@@ -14,6 +14,7 @@ import torch
 from .data.images import MAX_IMAGE_PIXELS, ImageError, ImageInput, ImageTransform, describe
 from .data.loading import image_batches
 from .data.vocab import Vocabulary
+from .grounding.evidence import GROUNDING, required_objects
 from .grounding.labels import Label, imagenet_classes, top_labels
 from .grounding.naming import name_animal, recognised_animals
 from .inference import decoding
@@ -27,12 +28,13 @@ from .model.runtime import autocast_dtype
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 BUILTIN = "flickr8k_coco"
 METHODS = ("greedy", "sample", "beam")
-# The options of `Captioner.decode` that each method reads; every method also reads the grounding
-# settings (None: the checkpoint's own) and `name_animals`.
+# The options of `Captioner.decode` that each method reads; every method also reads `grounding` and
+# the expert grounding settings (None: the checkpoint's own).
 METHOD_OPTIONS = {"greedy": ("max_length",),
                   "sample": ("temperature", "top_k", "top_p", "num_samples", "max_length"),
                   "beam": ("beam_size", "length_penalty", "no_repeat_ngram_size", "max_length")}
-GROUNDING_OPTIONS = ("evidence_weight", "evidence_threshold", "person_weight", "object_weight", "object_threshold")
+GROUNDING_OPTIONS = ("evidence_weight", "evidence_threshold", "person_weight", "person_threshold", "object_weight",
+                     "object_threshold", "include_threshold", "max_constraints")
 
 
 @dataclass
@@ -44,6 +46,7 @@ class GeneratedCaption:
     ended: bool
     score: float | None = None
     renamed: dict[int, str] = field(default_factory=dict)  # position in `words` -> the decoder's word there
+    required: list[str] = field(default_factory=list)  # the objects the evidence required (grounding="full")
 
     @property
     def perplexity(self) -> float:
@@ -131,20 +134,45 @@ class Captioner:
     def decode(self, features: torch.Tensor, method: str = "greedy", *, seeds: Sequence[int] | None = None,
                beam_size: int = 3, length_penalty: float = 0.0, no_repeat_ngram_size: int = 0,
                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, num_samples: int = 1,
-               max_length: int = 20, evidence_weight: float | None = None,
+               max_length: int = 20, grounding: str = "full", evidence_weight: float | None = None,
                evidence_threshold: float | None = None, person_weight: float | None = None,
-               object_weight: float | None = None, object_threshold: float | None = None,
-               name_animals: bool = True) -> list[list[GeneratedCaption]]:
-        """`evidence_weight`/`evidence_threshold`: how object words the image does not support are
-        penalised, `person_weight`: how words that name a person are where the checkpoint's person
-        detector sees none, `object_weight`/`object_threshold`: how words that name another object
-        are where its detector doubts it (grounding/evidence.py); None keeps the checkpoint's own setting. `name_animals`: a caption
-        that names the wrong animal takes the one the encoder's classifier is sure of (grounding/naming.py)."""
+               person_threshold: float | None = None, object_weight: float | None = None,
+               object_threshold: float | None = None, include_threshold: float | None = None, max_constraints: int | None = None,
+               name_animals: bool | None = None) -> list[list[GeneratedCaption]]:
+        """`grounding`: "off" decodes the words as the decoder ranks them; "avoid" lowers the words
+        the image does not support and names the animal the encoder's classifier is sure of; "full"
+        also requires, in beam search, the objects the classifier surely sees (greedy and sampling
+        read it as "avoid"). The expert settings (grounding/evidence.py; None: the checkpoint's own)
+        tune them: `evidence_weight`/`evidence_threshold` the concept penalty, `person_weight`/
+        `person_threshold` the person detector's, `object_weight`/`object_threshold` the object detectors',
+        `include_threshold`/`max_constraints` what is required, `name_animals` the renaming."""
+        if grounding not in GROUNDING:
+            raise ValueError(f"grounding must be one of {', '.join(GROUNDING)}, not {grounding!r}")
+        c = self.decoder.config
         evidence = {"evidence_weight": evidence_weight, "evidence_threshold": evidence_threshold,
-                    "person_weight": person_weight, "object_weight": object_weight,
+                    "person_weight": person_weight, "person_threshold": person_threshold,
+                    "object_weight": object_weight,
                     "object_threshold": object_threshold}
+        if grounding == "off":
+            evidence = dict(evidence, evidence_weight=0.0, person_weight=0.0, object_weight=0.0)
+        if name_animals is None:
+            name_animals = grounding != "off"
+        probs = None
+        if self.encoder.num_classes == len(imagenet_classes()[0]) and (name_animals or grounding == "full"):
+            with torch.inference_mode():
+                probs = self.encoder.label_probs(self._pooled(features)).float()
+        required = [[] for _ in range(features.size(0))]
+        if method == "beam" and grounding == "full" and probs is not None:
+            required = required_objects(c, probs, c.include_threshold if include_threshold is None else include_threshold,
+                                        c.max_constraints if max_constraints is None else max_constraints)
         if method == "greedy":
             raw = decoding.greedy(self.decoder, features, max_length=max_length, evidence=evidence)
+        elif method == "beam" and any(required):
+            constraints = [[[[self.vocab.stoi[w] for w in phrase.split()] for phrase in c.label_objects[obj]["words"]]
+                            for obj in objects] for objects in required]
+            raw = decoding.constrained_beam_search(self.decoder, features, constraints, beam_size=beam_size,
+                                                   length_penalty_alpha=length_penalty, max_length=max_length,
+                                                   no_repeat_ngram_size=no_repeat_ngram_size, evidence=evidence)
         elif method == "beam":
             raw = decoding.beam_search(self.decoder, features, beam_size=beam_size, length_penalty_alpha=length_penalty,
                                        max_length=max_length, no_repeat_ngram_size=no_repeat_ngram_size,
@@ -154,21 +182,24 @@ class Captioner:
                                   top_p=top_p, num_samples=num_samples, max_length=max_length, evidence=evidence)
         else:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
-        probs, animals = [None] * len(raw), [None] * len(raw)
-        if name_animals and self.encoder.num_classes == len(imagenet_classes()[0]):
-            with torch.inference_mode():
-                probs = self.encoder.label_probs(self._pooled(features)).float().cpu()
+        animals = [None] * len(raw)
+        if name_animals and probs is not None:
+            probs = probs.cpu()
             animals = recognised_animals(probs)
-        return [[self._to_text(c, p, a) for c in per_image] for per_image, p, a in zip(raw, probs, animals)]
+        label_probs = probs if name_animals and probs is not None else [None] * len(raw)
+        return [[self._to_text(c, p, a, r) for c in per_image]
+                for per_image, p, a, r in zip(raw, label_probs, animals, required)]
 
     def _to_text(self, caption: decoding.Caption, label_probs: torch.Tensor | None,
-                 animal: tuple[str, float] | None) -> GeneratedCaption:
+                 animal: tuple[str, float] | None, required: list[str]) -> GeneratedCaption:
         words, renamed = self.vocab.words(caption.tokens), {}
         if label_probs is not None:
             words, renamed = name_animal(words, label_probs, animal)
         words, text = self.vocab.sentence(words)
+        met = [obj for obj in required
+               if any(f" {phrase} " in f" {' '.join(words)} " for phrase in self.decoder.config.label_objects[obj]["words"])]
         return GeneratedCaption(text, words, caption.logprob, caption.token_logprobs, caption.ended,
-                                caption.score, renamed)
+                                caption.score, renamed, met)
 
     @staticmethod
     def _base_seed(seed: int | None) -> int:

@@ -58,18 +58,24 @@ class CaptionOptions(BaseModel):
     seed: int | None = Field(None, ge=0, lt=2**31, description="sampling: image i of the request uses seed + i")
     max_length: int = Field(20, ge=2, le=64, description="most tokens generated, <end> included")
     labels: int = Field(0, ge=0, le=20, description="also answer each image's top-k ImageNet labels")
-    name_animals: bool = True
+    grounding: Literal["off", "avoid", "full"] = Field(
+        "full", description="what the image's evidence does: nothing; keeps out the words it does not support; "
+                            "also brings in, in beam search, the objects it surely shows")
+    name_animals: bool | None = Field(None, description="None: as grounding says (on unless off)")
     evidence_weight: float | None = Field(None, ge=0.0, description="None: the checkpoint's own setting")
     evidence_threshold: float | None = Field(None, gt=0.0, le=1.0)
     person_weight: float | None = Field(None, ge=0.0)
+    person_threshold: float | None = Field(None, gt=0.0, le=1.0)
     object_weight: float | None = Field(None, ge=0.0)
     object_threshold: float | None = Field(None, gt=0.0, le=1.0)
+    include_threshold: float | None = Field(None, ge=0.0, le=1.0)
+    max_constraints: int | None = Field(None, ge=0, le=3)
 
     def decoding(self) -> dict:
         """What `Captioner.decode` reads for this method; the settings it ignores do not split batches."""
         grounding = {k: getattr(self, k) for k in GROUNDING_OPTIONS if getattr(self, k) is not None}
         return {**{k: getattr(self, k) for k in METHOD_OPTIONS[self.method]}, **grounding,
-                "name_animals": self.name_animals}
+                "grounding": self.grounding, "name_animals": self.name_animals}
 
 
 @dataclass(eq=False)
@@ -383,6 +389,8 @@ def image_answer(result: ImageResult, name: str) -> dict:
     entry = {"file": name, "caption": result.text,
              "captions": [{"text": c.text, "logprob": round(c.logprob, 4), "perplexity": round(c.perplexity, 3)}
                           for c in result.captions]}
+    if result.captions and result.captions[0].required:
+        entry["brought_in"] = result.captions[0].required  # the objects the evidence required
     if result.labels is not None:
         entry["labels"] = [{"name": x.name, "word": x.word, "probability": round(x.probability, 4)}
                            for x in result.labels]

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import json
 import os
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -118,6 +120,19 @@ def tiny_captioner(lite0, scene_features, scene_captions) -> Captioner:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tiny_captioner, tmp_path_factory) -> Path:
     return tiny_captioner.save_pretrained(tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def grounded_checkpoint(tiny_checkpoint, tmp_path_factory) -> Path:
+    """The tiny model with one object its encoder's classifier vouches for in every image, named by
+    the word "square": grounding "full" must bring it into every beam-searched caption."""
+    folder = tmp_path_factory.mktemp("grounded") / "tiny"
+    shutil.copytree(tiny_checkpoint, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["decoder"].update(include_threshold=0.5, label_objects={"square": {
+        "classes": list(range(1000)), "words": ["square"], "slope": 1.0, "intercept": 10.0}})
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
 
 
 def bomb(path):

@@ -38,14 +38,14 @@ def caption(client, path, method="Argmax (greedy)", temperature=1.0, top_k=0, to
 
 
 def test_argmax_is_deterministic(client, scene_paths):
-    first, table, _ = caption(client, scene_paths[0])
+    first, table, _, _ = caption(client, scene_paths[0])
     assert first == "A red circle on a white background."
     assert caption(client, scene_paths[0])[0] == first
     assert len(table["data"]) == 1 and table["data"][0][1] == first
 
 
 def test_what_the_encoder_sees_is_beside_the_caption(client, tiny_captioner, scene_paths):
-    _, _, seen = caption(client, scene_paths[3])
+    _, _, seen, _ = caption(client, scene_paths[3])
     expected = tiny_captioner.labels(scene_paths[3], k=5)
     shown = [c["label"] for c in seen["confidences"]]
     assert len(shown) == 5 and shown[0].startswith(expected[0].name)
@@ -74,7 +74,7 @@ def test_sampling_reproduces_with_a_seed_and_varies_across_seeds(client, scene_p
 
 
 def test_beam_returns_the_requested_ranked_beams(client, scene_paths):
-    best, table, _ = caption(client, scene_paths[1], "Beam search", beam_size=5)
+    best, table, _, _ = caption(client, scene_paths[1], "Beam search", beam_size=5)
     rows = table["data"]
     assert [r[0] for r in rows] == [1, 2, 3, 4, 5] and rows[0][1] == best
     logprobs = [r[2] for r in rows]

@@ -20,7 +20,10 @@ import torch
 
 from ..data.vocab import Vocabulary
 from ..evaluation.hallucination import PERSON, ObjectTable, names_person, reference_objects, singular
+from .labels import imagenet_classes
 from .naming import animal_names
+
+CALIBRATION_FLOOR = 0.02  # classifier support below this is no evidence: the calibration is fitted above it
 
 
 def shows(references: Sequence[Sequence[str]], table: ObjectTable, objects: Sequence[str]) -> torch.Tensor:
@@ -115,6 +118,54 @@ def fit_object_detectors(pooled: torch.Tensor, shown: torch.Tensor,
 
     optimizer.step(loss)
     return fold(weight.detach().T, bias.detach())
+
+
+def label_objects(vocab: Vocabulary, table: ObjectTable) -> dict[str, dict]:
+    """The objects the encoder's ImageNet classifier can vouch for: {object: {"classes": the classes
+    whose everyday word names it, "words": the words and two-word phrases, plurals included, that
+    name it and that the vocabulary can write}}, for the objects with both."""
+    _, class_words = imagenet_classes()
+    objects: dict[str, dict] = {}
+    for index, word in enumerate(class_words):
+        obj = table.words.get(" ".join(singular(part) for part in word.split()))
+        if obj is not None:
+            objects.setdefault(obj, {"classes": [], "words": []})["classes"].append(index)
+    for name, obj in table.words.items():
+        if obj not in objects:
+            continue
+        *head, last = name.split()
+        for form in sorted({last} | {w for w in vocab.itos if singular(w) == last}):
+            words = [*head, form]
+            if len(words) <= 2 and all(w in vocab.stoi for w in words):
+                objects[obj]["words"].append(" ".join(words))
+    return {obj: entry for obj, entry in sorted(objects.items()) if entry["words"]}
+
+
+def calibrate(support: torch.Tensor, present: torch.Tensor, floor: float = CALIBRATION_FLOOR,
+              l2: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Platt scaling of a classifier's support for each object (N x K probabilities, N x K bools:
+    whether the references name it) -> (slopes K, intercepts K): P(named) = sigmoid(slope *
+    logit(support) + intercept), for support >= `floor`. Objects share one slope and intercept, and
+    each departs from them by what its own photos show against an L2 penalty `l2`: an object seen in
+    a handful of photos keeps the shared fit."""
+    z = torch.logit(support.float().clamp(1e-4, 1 - 1e-4))
+    used = support >= floor
+    y = present.float()
+    shared = torch.tensor([1.0, 0.0], requires_grad=True)
+    own = torch.zeros(2, support.size(1), requires_grad=True)
+    optimizer = torch.optim.LBFGS([shared, own], max_iter=300, line_search_fn="strong_wolfe")
+
+    def loss():
+        optimizer.zero_grad()
+        logits = (shared[0] + own[0]) * z + shared[1] + own[1]
+        value = (torch.nn.functional.binary_cross_entropy_with_logits(logits[used], y[used], reduction="sum")
+                 + l2 * own.square().sum()) / used.sum().clamp_min(1)
+        value.backward()
+        return value
+
+    optimizer.step(loss)
+    slopes, intercepts = (shared[:, None] + own).detach()
+    return slopes, intercepts
 
 
 def auc(score: torch.Tensor, positive: torch.Tensor) -> float:

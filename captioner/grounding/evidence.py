@@ -1,5 +1,8 @@
-"""How decoding reads what the image shows: additions to the word logits that lower the words the
-image does not evidently support. Three sources, each with its own weight (0: off):
+"""How decoding reads what the image shows, in both directions.
+
+Kept out (every decoding method): additions to the word logits that lower the words the image does
+not evidently support, one rule `weight * log(support / threshold)` below the threshold, on three
+sources, each with its own weight (0: off):
 - the concept evidence (`evidence_weight`, `evidence_threshold`): a concept word whose support (its
   concept detector's probability, or that of the ImageNet classes whose everyday word it is) is
   below the threshold loses `evidence_weight * log(support / evidence_threshold)`;
@@ -11,18 +14,32 @@ image does not evidently support. Three sources, each with its own weight (0: of
   stands down where the encoder's classifier is sure some animal is there: a decoder that never read
   "cheetah" calls one "a dog", and which animal it is, the classifier says (naming.py).
 
+Brought in (beam search): the objects the encoder's ImageNet classifier vouches for, its classes'
+probabilities summed per object and calibrated (P(a reference names it), detectors.calibrate) on
+the dev photos whose caption leaves the object out (training/fit_detectors.py), are required in the caption where that probability reaches
+`include_threshold`, the most probable `max_constraints` of them; constrained beam search
+(inference/decoding.py) writes them where the decoder finds them fluent, by any of their words.
+
 The detectors' weights are the decoder's buffers (model/decoder.py), fitted after training
-(detectors.py)."""
+(detectors.py); the classifier's calibration is in the decoder's config (`label_objects`).
+Animal renaming (naming.py) is the third: it renames what the first two let through."""
 
 from __future__ import annotations
 
 import torch
 
+from .detectors import CALIBRATION_FLOOR
 from .naming import ANIMAL_CLASSES, PRESENT
+
+# What the image's evidence does to a caption: nothing; keeps out the words it does not support (and
+# names the animal the classifier recognises); or also brings in, in beam search, the objects it
+# surely shows.
+GROUNDING = ("off", "avoid", "full")
 
 
 def evidence_bias(decoder, features: torch.Tensor, label_probs, concept_probs, weight: float, threshold: float,
-                  person_weight: float, object_weight: float, object_threshold: float) -> torch.Tensor | None:
+                  person_weight: float, person_threshold: float, object_weight: float,
+                  object_threshold: float) -> torch.Tensor | None:
     """B x V additions to the word logits: `weight * log(support / threshold)` for concept
     words whose support is below `threshold`, and the person and object detectors' penalties on
     the words that name their objects; 0 elsewhere; None when there is nothing to add."""
@@ -31,7 +48,7 @@ def evidence_bias(decoder, features: torch.Tensor, label_probs, concept_probs, w
     if weight > 0 and concept_probs is not None:
         terms.append(concept_bias(decoder, label_probs, concept_probs, weight, threshold))
     if person_weight > 0 and c.person_detector:
-        terms.append(detector_penalty(decoder.person_probability(features)[:, None], c.person_threshold,
+        terms.append(detector_penalty(decoder.person_probability(features)[:, None], person_threshold,
                                       person_weight, decoder.person_words[None]))
     if object_weight > 0 and c.object_detectors:
         probs = decoder.object_probabilities(features)
@@ -59,3 +76,28 @@ def detector_penalty(probs: torch.Tensor, threshold: float, weight: float, words
     """B x K detector probabilities, K x V word masks -> B x V: `weight * log(p / threshold)` on the
     words of each detector whose p is below the threshold."""
     return weight * torch.log(probs.clamp_min(1e-6) / threshold).clamp(max=0) @ words.float()
+
+
+def object_presence(config, label_probs: torch.Tensor) -> tuple[list[str], torch.Tensor]:
+    """-> (the objects of `config.label_objects`, B x O calibrated probabilities that the image's
+    references would name each; 0 where the classifier's support is below the calibration's floor)."""
+    names = list(config.label_objects)
+    classes = torch.zeros(label_probs.size(1), len(names), device=label_probs.device)
+    for k, name in enumerate(names):
+        classes[config.label_objects[name]["classes"], k] = 1.0
+    support = label_probs.float() @ classes
+    slopes, intercepts = (torch.tensor([[config.label_objects[n][key] for n in names]], device=label_probs.device)
+                          for key in ("slope", "intercept"))
+    presence = torch.sigmoid(slopes * torch.logit(support.clamp(1e-4, 1 - 1e-4)) + intercepts)
+    return names, torch.where(support >= CALIBRATION_FLOOR, presence, torch.zeros_like(presence))
+
+
+def required_objects(config, label_probs: torch.Tensor, include: float, limit: int) -> list[list[str]]:
+    """Each image's objects whose calibrated presence reaches `include` (> 0), the `limit` most
+    probable, most probable first."""
+    if not config.label_objects or include <= 0 or limit <= 0:
+        return [[] for _ in range(label_probs.size(0))]
+    names, presence = object_presence(config, label_probs)
+    values, order = presence.topk(min(limit, len(names)), dim=1)
+    return [[names[k] for p, k in zip(row_p, row_k) if p >= include]
+            for row_p, row_k in zip(values.tolist(), order.tolist())]

@@ -9,6 +9,7 @@ reaches it without <end> is returned with `ended=False`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -205,4 +206,102 @@ def beam_search(decoder: CaptionDecoder, features: torch.Tensor, beam_size: int 
             caption.score = caption.logprob / length_penalty(len(caption.token_logprobs), length_penalty_alpha)
             beams.append(caption)
         results.append(sorted(beams, key=lambda c: -c.score))
+    return results
+
+
+@torch.inference_mode()
+def constrained_beam_search(decoder: CaptionDecoder, features: torch.Tensor, constraints: list[list[list[list[int]]]],
+                            beam_size: int = 3, length_penalty_alpha: float = 0.0, max_length: int = 20,
+                            no_repeat_ngram_size: int = 0, evidence: dict | None = None) -> list[list[Caption]]:
+    """Beam search that must write what `constraints` name (Anderson et al., EMNLP 2017): per image a
+    few constraints, each a list of token sequences of one or two words, any of which meets it ("dog",
+    "puppies", "hot dog"...). Each constraint is a small automaton (not met; the first word of one of
+    its phrases just written; met), and a beam set of `beam_size` is kept for every combination of
+    their states, so a caption is ranked only against captions that met the same constraints. The
+    beams returned are those that met all of the image's constraints, each written where the decoder
+    finds it fluent; where no caption meets them all within `max_length`, those that met the most."""
+    b, k, device = features.size(0), beam_size, features.device
+    if len(constraints) != b:
+        raise ValueError(f"need one list of constraints per image: {len(constraints)} for {b} images")
+    vocab = decoder.config.vocab_size
+    count = max((len(c) for c in constraints), default=0)
+    single = torch.zeros(b, count, vocab, dtype=torch.bool, device=device)  # a word that meets the constraint
+    first = torch.zeros(b, count, vocab, dtype=torch.bool, device=device)  # a word that starts one of its phrases
+    pairs = []  # (image, constraint, first token, second token)
+    for i, image_constraints in enumerate(constraints):
+        for c, sequences in enumerate(image_constraints):
+            for seq in sequences:
+                if len(seq) == 1:
+                    single[i, c, seq[0]] = True
+                elif len(seq) == 2:
+                    first[i, c, seq[0]] = True
+                    pairs.append((i, c, seq[0], seq[1]))
+                else:
+                    raise ValueError(f"a constraint's word sequence has 1 or 2 tokens, not {len(seq)}")
+    # mixed radix: each constraint's state is 0 (not met), its last value (met), and 1 (a phrase begun)
+    # where some image's constraint at that place has a phrase
+    radix = [3 if bool(first[:, c].any()) else 2 for c in range(count)]
+    base = [math.prod(radix[:c]) for c in range(count)]
+    sets = math.prod(radix)
+    set_ids = torch.arange(sets, device=device)
+    progress = [(set_ids // base[c]) % radix[c] for c in range(count)]
+    met_count = sum((p == r - 1).long() for p, r in zip(progress, radix)) if count else torch.zeros_like(set_ids)
+    full = [sum((radix[c] - 1) * base[c] for c in range(len(cs))) for cs in constraints]
+    state = map_state(lambda s: s.repeat_interleave(sets * k, dim=1), decoder.start(features, **(evidence or {})))
+    scores = torch.full((b, sets, k), float("-inf"), device=device)
+    scores[:, 0, 0] = 0.0
+    tokens = torch.zeros(b, sets * k, 0, dtype=torch.long, device=device)
+    token_lps = torch.zeros(b, sets * k, 0, device=device)
+    ended = torch.zeros(b, sets, k, dtype=torch.bool, device=device)
+    last = torch.full((b * sets * k,), START, dtype=torch.long, device=device)
+    frozen_row = torch.full((vocab,), float("-inf"), device=device)
+    frozen_row[PAD] = 0.0
+    rows = torch.arange(b, device=device)
+    for t in range(max_length):
+        logp, state = _log_probs(decoder, last, state, t)
+        if no_repeat_ngram_size and t:
+            logp = logp.masked_fill(_banned_ngram_mask(tokens.view(-1, t), no_repeat_ngram_size, vocab), float("-inf"))
+        logp = torch.where(ended.view(-1, 1), frozen_row, logp).view(b, sets, k, vocab)
+        reached = torch.zeros(b, sets, k, vocab, dtype=torch.long, device=device)
+        previous = last.view(b, sets, k)
+        for c in range(count):
+            met, now = radix[c] - 1, progress[c].view(1, sets, 1, 1)
+            completes = single[:, c, None, None, :].expand(b, sets, k, vocab).clone()
+            for i, pc, head, tail in pairs:
+                if pc == c:
+                    completes[i, :, :, tail] |= (previous[i] == head) & (progress[c] == 1)[:, None]
+            after = torch.where(completes, met, first[:, c, None, None, :].long())
+            reached += torch.where(now == met, met, after) * base[c]
+        reached = torch.where(ended[..., None], set_ids.view(1, sets, 1, 1), reached)  # an ended beam stays put
+        total = scores[..., None] + logp
+        picked = [total.masked_fill(reached != s, float("-inf")).view(b, -1).topk(k, dim=-1) for s in range(sets)]
+        scores = torch.stack([p.values for p in picked], dim=1)
+        flat = torch.stack([p.indices for p in picked], dim=1).view(b, sets * k)
+        source, new_tokens = flat // vocab, flat % vocab
+        picked_lp = logp.view(b, -1).gather(1, flat)
+        history = source[..., None].expand(-1, -1, t)
+        tokens = torch.cat([tokens.gather(1, history), new_tokens[..., None]], dim=2)
+        token_lps = torch.cat([token_lps.gather(1, history), picked_lp[..., None]], dim=2)
+        ended = (ended.view(b, -1).gather(1, source) | (new_tokens == END)).view(b, sets, k)
+        flat_source = (source + rows[:, None] * sets * k).view(-1)
+        state = map_state(lambda s: s.index_select(1, flat_source), state)
+        last = new_tokens.view(-1)
+        # Done when each image's full set has ended and no running beam scores above its worst:
+        # scores only fall, so no beam still running can overtake them.
+        full_index = torch.tensor(full, device=device)
+        full_scores = scores[rows, full_index]
+        full_done = (ended[rows, full_index] | full_scores.isinf()).all(-1)
+        running = scores.masked_fill(ended, float("-inf")).flatten(1).max(-1).values
+        if bool((full_done & (running <= full_scores.min(-1).values)).all()):
+            break
+    results = []
+    for i in range(b):
+        captions, finished = _collect(tokens[i], token_lps[i]), []
+        for j, score in enumerate(scores[i].view(-1).tolist()):
+            captions[j].score = captions[j].logprob / length_penalty(len(captions[j].token_logprobs),
+                                                                    length_penalty_alpha)
+            if score > float("-inf") and (captions[j].ended or t + 1 == max_length):
+                finished.append((int(met_count[j // k]), captions[j]))
+        most = max((m for m, _ in finished), default=0)
+        results.append(sorted((c for m, c in finished if m == most), key=lambda c: -c.score)[:k])
     return results

@@ -11,7 +11,7 @@ as matrix products on `StepWeights` (step.py); an ensemble of decoders is ensemb
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -66,6 +66,13 @@ class DecoderConfig:
     object_detectors: tuple[str, ...] = ()
     object_weight: float = 0.0
     object_threshold: float = 0.3
+    # The objects the encoder's classifier vouches for ({object: its ImageNet classes, the words that
+    # name it, and the calibration of their summed probability}; fitted after training), and at
+    # beam search how probable an object must be to be required in the caption (0: never), at most
+    # `max_constraints` a caption (grounding/evidence.py).
+    label_objects: dict = field(default_factory=dict)
+    include_threshold: float = 0.0
+    max_constraints: int = 2
 
     def __post_init__(self):
         if self.image_feed not in IMAGE_FEEDS:
@@ -85,6 +92,15 @@ class DecoderConfig:
         for name in ("person_threshold", "object_threshold"):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in (0, 1]")
+        if not 0 <= self.include_threshold <= 1:
+            raise ValueError("include_threshold must be in [0, 1] (0: no object is required)")
+        if not 0 <= self.max_constraints <= 3:
+            raise ValueError("max_constraints must be 0 to 3 (beam search keeps a beam for each subset of them)")
+        for name, entry in self.label_objects.items():
+            if not (isinstance(entry, dict) and {"classes", "words", "slope", "intercept"} <= set(entry)
+                    and entry["words"] and all(1 <= len(str(w).split()) <= 2 for w in entry["words"])):
+                raise ValueError(f"label_objects[{name!r}]: expected classes, words (of one or two words each), "
+                                 f"slope and intercept")
         self.object_detectors = tuple(self.object_detectors)  # a list when read from JSON
 
     @property
@@ -279,7 +295,8 @@ class CaptionDecoder(nn.Module):
 
     def start(self, features: torch.Tensor, evidence_weight: float | None = None,
               evidence_threshold: float | None = None, person_weight: float | None = None,
-              object_weight: float | None = None, object_threshold: float | None = None):
+              person_threshold: float | None = None, object_weight: float | None = None,
+              object_threshold: float | None = None):
         """The decoding state after seeing the image, ready for the <start> token: the LSTM's (h, c)
         (with the next recurrent gates W_hh h as a third part where `StepWeights.stacked` computes
         them), the attention memory (or None) and the evidence bias on the word logits (or None).
@@ -300,6 +317,7 @@ class CaptionDecoder(nn.Module):
                                    c.evidence_weight if evidence_weight is None else evidence_weight,
                                    c.evidence_threshold if evidence_threshold is None else evidence_threshold,
                                    c.person_weight if person_weight is None else person_weight,
+                                   c.person_threshold if person_threshold is None else person_threshold,
                                    c.object_weight if object_weight is None else object_weight,
                                    c.object_threshold if object_threshold is None else object_threshold)
         return (state, None if memory is None else memory.transpose(0, 1),

@@ -50,9 +50,10 @@ class DecoderEnsemble(nn.Module):
 
     def start(self, features: torch.Tensor, evidence_weight: float | None = None,
               evidence_threshold: float | None = None, person_weight: float | None = None,
-              object_weight: float | None = None, object_threshold: float | None = None):
-        return tuple(m.start(features, evidence_weight, evidence_threshold, person_weight, object_weight,
-                             object_threshold) for m in self.members)
+              person_threshold: float | None = None, object_weight: float | None = None,
+              object_threshold: float | None = None):
+        return tuple(m.start(features, evidence_weight, evidence_threshold, person_weight, person_threshold,
+                             object_weight, object_threshold) for m in self.members)
 
     def step(self, tokens: torch.Tensor, state):
         outputs = [m.step(tokens, s) for m, s in zip(self.members, state)]

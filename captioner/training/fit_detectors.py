@@ -11,9 +11,12 @@ from typing import Sequence
 import torch
 
 from ..data.datasets import ImageCaptions
+from ..data.vocab import Vocabulary
 from ..evaluation.hallucination import PERSON, ObjectTable
-from ..grounding.detectors import (animal_objects, auc, fit_object_detectors, fit_person_detector, person_word_ids,
+from ..grounding.detectors import (animal_objects, auc, calibrate, fit_object_detectors, fit_person_detector,
+                                   label_objects, person_word_ids,
                                    shows, shows_person, word_masks)
+from ..inference.decoding import beam_search
 from ..model.checkpoint import load_checkpoint, save_checkpoint
 from ..model.decoder import CaptionDecoder, pooled_image, set_step
 from ..model.ensemble import build_decoder
@@ -124,3 +127,27 @@ def add_detectors(config, best_dir: Path, train_records: Sequence[ImageCaptions]
     save_checkpoint(best_dir, encoder=encoder, decoder=with_detector, vocab=vocab, transform=transform,
                     training=dict(saved["training"], recipe=dataclasses.asdict(config), **records))
     return records
+
+
+def calibrate_label_objects(decoder, vocab: Vocabulary, features: torch.Tensor, label_probs: torch.Tensor,
+                            references: Sequence[Sequence[str]], table: ObjectTable, beam_size: int = 3) -> dict:
+    """The decoder config's `label_objects`: each object the encoder's classifier vouches for
+    (detectors.label_objects), with the calibration of its classes' summed probability (N x 1000
+    `label_probs`) against whether the photos' `references` name it. Fitted on the photos whose
+    caption, by the decoder's own beam search, does not name the object already: what a required
+    object must be sure of is that it is there when the caption left it out."""
+    objects = label_objects(vocab, table)
+    names = list(objects)
+    classes = torch.zeros(label_probs.size(1), len(names))
+    for k, name in enumerate(names):
+        classes[objects[name]["classes"], k] = 1.0
+    captions = [" ".join(vocab.words(beams[0].tokens))
+                for start in range(0, len(features), 250)
+                for beams in beam_search(decoder, features[start:start + 250], beam_size=beam_size)]
+    named = torch.tensor([[name in set(table.mentions(c)) for name in names] for c in captions],
+                         dtype=torch.bool).view(len(captions), len(names))
+    support = (label_probs.float().cpu() @ classes).masked_fill(named, 0.0)
+    slopes, intercepts = calibrate(support, shows(references, table, names))
+    for name, slope, intercept in zip(names, slopes.tolist(), intercepts.tolist()):
+        objects[name].update(slope=round(slope, 4), intercept=round(intercept, 4))
+    return objects
