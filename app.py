@@ -29,6 +29,7 @@ from captioner.grounding.concepts import FUNCTION_WORDS
 from captioner.inference.engines import BACKENDS
 from captioner.inference.explain import overlay
 from captioner.model.checkpoint import test_reports
+from captioner.training.validation import plot_curves, plot_grad_flow
 from captioner.pipeline import BUILTIN
 from captioner.server import MAX_UPLOAD_MB, read_credentials, serve_local
 
@@ -105,14 +106,15 @@ def label_scores(labels) -> dict[str, float]:
             for label in labels or []}
 
 
-def model_card(config: dict) -> str:
+def model_card(config: dict, parameters: int) -> str:
     encoder, decoder, training = config.get("encoder", {}), config.get("decoder", {}), config.get("training", {})
     lines = [
         "### Loaded model",
         f"- **Encoder:** `{encoder.get('name')}` with weights `{encoder.get('weights')}` "
         f"({encoder.get('feature_dim')}-d features, fine-tuned blocks: {encoder.get('fine_tuned_blocks', 0)})",
-        f"- **Decoder:** LSTM, {decoder.get('num_layers')} layer(s), hidden {decoder.get('hidden_dim')}, "
-        f"embedding {decoder.get('embed_dim')}, image fed into the {decoder.get('image_feed')}",
+        f"- **Decoder:** {decoder.get('cell', 'lstm').upper()}, {decoder.get('num_layers')} layer(s), hidden "
+        f"{decoder.get('hidden_dim')}, embedding {decoder.get('embed_dim')}, image fed into the "
+        f"{decoder.get('image_feed')}; {parameters:,} parameters",
         f"- **Vocabulary:** {config.get('vocab_size', 0):,} words",
         f"- **Image transform:** `{json.dumps(config.get('transform'))}`",
     ]
@@ -128,7 +130,32 @@ def model_card(config: dict) -> str:
     return "\n".join(lines)
 
 
-def build_app(captioner: Captioner) -> gr.Blocks:
+def training_curves(config: dict, checkpoint: str | None) -> str | None:
+    """A PNG of the checkpoint's training curves: its run's whole metrics log where the checkpoint
+    still sits in its run directory (RUN/best), else the gradient records kept in its config; None
+    when it has neither (a checkpoint trained before gradients were recorded)."""
+    metrics = Path(checkpoint).parent / "metrics.jsonl" if checkpoint else None
+    png = Path(tempfile.mkdtemp(prefix="captioner-curves-")) / "curves.png"
+    if metrics is not None and metrics.is_file():
+        plot_curves(metrics, png)
+        return str(png)
+    flows = config.get("training", {}).get("grad_flow")
+    if not flows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axis = plt.subplots(figsize=(6, 4))
+    plot_grad_flow(axis, flows)
+    fig.tight_layout()
+    fig.savefig(png, dpi=80)
+    plt.close(fig)
+    return str(png)
+
+
+def build_app(captioner: Captioner, checkpoint: str | None = None) -> gr.Blocks:
     def caption(image, method, temperature, top_k, top_p, num_samples, seed, beam_size, length_penalty, max_length,
                 grounding="Full: keep out what is not there, bring in what surely is"):
         if image is None:
@@ -249,7 +276,15 @@ def build_app(captioner: Captioner) -> gr.Blocks:
             run.click(caption_batch, [files, batch_method, batch_beam], [batch_table, batch_csv],
                       api_name="caption_batch")
         with gr.Tab("Model"):
-            gr.Markdown(model_card(captioner.config))
+            gr.Markdown(model_card(captioner.config, sum(p.numel() for p in captioner.decoder.parameters())),
+                        elem_id="model-card")
+            curves = training_curves(captioner.config, checkpoint)
+            if curves:
+                gr.Image(curves, label="Training: loss, dev scores, and |dL/dh_t| through time (log scale)",
+                         interactive=False, elem_id="model-curves")
+            else:
+                gr.Markdown("This checkpoint predates the gradient record: its training kept no |dL/dh_t| "
+                            "(`grad_flow_every`), so there is no gradient panel to show.", elem_id="model-curves")
     # Captioning is CPU-bound: one request at a time per worker keeps latency predictable.
     demo.queue(default_concurrency_limit=2, max_size=64)
     return demo
@@ -278,7 +313,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     captioner = Captioner.from_pretrained(args.checkpoint, backend=args.backend)  # shared by every request
     captioner.caption(Image.new("RGB", (64, 64)))  # builds the encoder's engine before the first visitor
-    demo = build_app(captioner)
+    demo = build_app(captioner, args.checkpoint)
     # Gradio keeps per-session state for its last 10,000 sessions by default, ~90 KB each here: the
     # server grew by 45 MB a minute under load (bench/README.md). Nothing here needs old sessions.
     demo.state_session_capacity = SESSIONS_KEPT

@@ -218,6 +218,9 @@ def cmd_export(args) -> int:
     from .training.recipe import TrainConfig
 
     captioner = Captioner.from_pretrained(args.checkpoint, device="cpu")
+    if args.onnx and captioner.decoder.config.cell != "lstm":
+        raise UsageError(f"--onnx: the ONNX decoder graphs are LSTM ones; {args.checkpoint} has a "
+                         f"{captioner.decoder.config.cell.upper()} decoder (it captions with PyTorch)")
     training = {k: v for k, v in captioner.config.get("training", {}).items() if k != "test"}
     if args.members:
         captioner.decoder = keep_members(captioner.decoder, args.members)
@@ -226,10 +229,9 @@ def cmd_export(args) -> int:
         if not args.objects:
             raise UsageError("--calibrate needs --objects (the CHAIR table)")
         from .data.datasets import load_dataset
+        from .data.loading import image_batches
         from .evaluation.hallucination import ObjectTable
         from .training.fit_detectors import calibrate_label_objects
-
-        from .data.loading import image_batches
 
         records = [r for path in args.calibrate for r in load_dataset(path).split("val")]
         good, parts = [], []
@@ -302,7 +304,13 @@ def cmd_info(args) -> int:
     from .pipeline import BUILTIN, PRETRAINED_DIR
 
     path = PRETRAINED_DIR / BUILTIN if args.checkpoint in (None, BUILTIN) else args.checkpoint
-    print(json.dumps(read_config(path), indent=2))
+    config = read_config(path)
+    print(json.dumps(config, indent=2))
+    flows = config.get("training", {}).get("grad_flow")
+    if flows:  # on stderr: stdout stays one JSON document
+        last = flows[-1]
+        print(f"{config['decoder'].get('cell', 'lstm').upper()}: |dL/dh_1| / |dL/dh_T| = {last['ratio_first_last']:.4g} "
+              f"at step {last['step']} (T = {len(last['dL_dh'])}; {len(flows)} records)", file=sys.stderr)
     return EXIT_OK
 
 

@@ -44,6 +44,13 @@ def test_argmax_is_deterministic(client, scene_paths):
     assert len(table["data"]) == 1 and table["data"][0][1] == first
 
 
+def test_the_model_tab_names_the_cell_and_says_there_is_no_gradient_record(server, tiny_captioner):
+    page = httpx.get(server[1], timeout=30).text  # the page carries its components' values
+    parameters = sum(p.numel() for p in tiny_captioner.decoder.parameters())
+    assert "LSTM, 1 layer(s), hidden 64" in page and f"{parameters:,} parameters" in page
+    assert "predates the gradient record" in page  # saved without training: no |dL/dh_t| to draw
+
+
 def test_what_the_encoder_sees_is_beside_the_caption(client, tiny_captioner, scene_paths):
     _, _, seen, _ = caption(client, scene_paths[3])
     expected = tiny_captioner.labels(scene_paths[3], k=5)

@@ -16,13 +16,15 @@ sources, each with its own weight (0: off):
 
 Brought in (beam search): the objects the encoder's ImageNet classifier vouches for, its classes'
 probabilities summed per object and calibrated (P(a reference names it), detectors.calibrate) on
-the dev photos whose caption leaves the object out (training/fit_detectors.py), are required in the caption where that probability reaches
-`include_threshold`, the most probable `max_constraints` of them; constrained beam search
-(inference/decoding.py) writes them where the decoder finds them fluent, by any of their words.
+the dev photos whose caption leaves the object out (training/fit_detectors.py), are required in
+the caption where that probability reaches `include_threshold`, the most probable
+`max_constraints` of them; constrained beam search (inference/decoding.py) writes them where the
+decoder finds them fluent, by any of their words.
 
 The detectors' weights are the decoder's buffers (model/decoder.py), fitted after training
 (detectors.py); the classifier's calibration is in the decoder's config (`label_objects`).
-Animal renaming (naming.py) is the third: it renames what the first two let through."""
+Animal renaming (naming.py) comes last: a finished caption's animal takes the name of the one the
+classifier is sure of. `GROUNDING` is the one switch over all of it (pipeline.Captioner.decode)."""
 
 from __future__ import annotations
 

@@ -80,6 +80,9 @@ def export_decoder(decoder: CaptionDecoder, directory: str | Path) -> list[Path]
     if not isinstance(decoder, CaptionDecoder) or decoder.config.takes_map:
         raise ValueError("ONNX export of the decoder needs a single decoder on pooled features "
                          "(keep one ensemble member with --members 1; attention decoders are not exported)")
+    if decoder.config.cell != "lstm":
+        raise ValueError(f"ONNX export of the decoder supports the LSTM cell only; this decoder's cell is "
+                         f"{decoder.config.cell.upper()} (it captions with PyTorch)")
     c, directory = decoder.config, Path(directory)
     features = torch.zeros(2, c.feature_dim)
     state = torch.zeros(c.num_layers, 2, c.hidden_dim)

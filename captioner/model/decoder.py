@@ -6,8 +6,10 @@ encoder's ImageNet class probabilities (carried after the pooled features) and i
 detectors (trained on which words the image's captions use). Both enter as one LSTM input step
 before <start> (semantic attributes, Wu et al. and You et al., CVPR 2016). At decoding the same
 evidence, and the person and object detectors fitted after training (whose weights are buffers
-here), lower the words the image does not support (grounding/evidence.py). In eval mode a step runs
-as matrix products on `StepWeights` (step.py); an ensemble of decoders is ensemble.py."""
+here), lower the words the image does not support (grounding/evidence.py). The recurrent cell is
+an LSTM unless `cell` says GRU or vanilla RNN. In eval mode an LSTM step runs as matrix products on
+`StepWeights` (step.py); the other cells step through their PyTorch modules. An ensemble of
+decoders is ensemble.py."""
 
 from __future__ import annotations
 
@@ -22,6 +24,9 @@ from .attention import SpatialAttention
 from .step import StepWeights
 
 IMAGE_FEEDS = ("state", "input", "both")
+# The recurrent cell, PyTorch's own modules (their documented gate order): the LSTM the design comes
+# from, the lighter GRU, and the vanilla tanh RNN whose gradients the lecture notes show vanishing.
+CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 # With one layer and nothing between the LSTM and the output layer, the output layer and W_hh
 # multiply the same h: one product a step gives this word's logits and the next step's recurrent
 # gates in one pass over both matrices (StepWeights.stacked). Up to this many rows the product is
@@ -38,6 +43,7 @@ class DecoderConfig:
     embed_dim: int = 512
     hidden_dim: int = 512
     num_layers: int = 1
+    cell: str = "lstm"  # "lstm" | "gru" | "rnn" (h_t = tanh(W_ih x_t + W_hh h_(t-1) + b))
     dropout: float = 0.5  # on word embeddings, LSTM outputs, attention regions (and between LSTM layers)
     feature_dropout: float = 0.0  # on the image features before W_ih
     # Where W_ih puts the image: the LSTM's initial (h, c) of every layer, its first input step, or both.
@@ -75,6 +81,8 @@ class DecoderConfig:
     max_constraints: int = 2
 
     def __post_init__(self):
+        if self.cell not in CELLS:
+            raise ValueError(f"cell must be one of {', '.join(CELLS)}, not {self.cell!r}")
         if self.image_feed not in IMAGE_FEEDS:
             raise ValueError(f"image_feed must be one of {IMAGE_FEEDS}, not {self.image_feed!r}")
         if self.num_layers < 1:
@@ -127,7 +135,8 @@ class CaptionDecoder(nn.Module):
         self.config = c = config
         self.feeds_state = c.image_feed in ("state", "both")
         self.feeds_input = c.image_feed in ("input", "both")
-        state_size = 2 * c.num_layers * c.hidden_dim if self.feeds_state else 0
+        # W_ih sets the LSTM's h and c, or the GRU's and the RNN's h, of every layer
+        state_size = self.state_parts * c.num_layers * c.hidden_dim if self.feeds_state else 0
         self.w_ih = nn.Linear(c.image_dim, state_size + (c.embed_dim if self.feeds_input else 0))
         self.concept_head = nn.Linear(c.image_dim, c.concepts) if c.concepts else None
         self.evidence = nn.Linear(c.labels + c.concepts, c.embed_dim) if c.reads_evidence else None
@@ -146,8 +155,9 @@ class CaptionDecoder(nn.Module):
         self.register_buffer("object_words", torch.zeros(k, c.vocab_size) if k else None)
         self.register_buffer("object_animals", torch.zeros(k) if k else None)  # 1: the object is an animal
         self.embed = nn.Embedding(c.vocab_size, c.embed_dim, padding_idx=0)
-        self.lstm = nn.LSTM(c.embed_dim, c.hidden_dim, c.num_layers, batch_first=True,
-                            dropout=c.dropout if c.num_layers > 1 else 0.0)
+        # named by its cell ("lstm", "gru", "rnn"), as are its weights in a checkpoint
+        self.add_module(c.cell, CELLS[c.cell](c.embed_dim, c.hidden_dim, c.num_layers, batch_first=True,
+                                              dropout=c.dropout if c.num_layers > 1 else 0.0))
         self.dropout = nn.Dropout(c.dropout)
         self.feature_dropout = nn.Dropout(c.feature_dropout)
         # Tying needs the output to live in embedding space; project down when the sizes differ.
@@ -159,6 +169,23 @@ class CaptionDecoder(nn.Module):
         # Eval mode: decode through StepWeights (False: through nn.LSTM), with the LSTM's hidden
         # weights and the output layer in `step_dtype` (bf16 only where the hardware is native).
         self.fold_step, self.step_dtype = True, torch.float32
+
+    @property
+    def state_parts(self) -> int:
+        """How many tensors the cell's state holds: the LSTM's (h, c), the others' h."""
+        return 2 if self.config.cell == "lstm" else 1
+
+    @property
+    def recurrent(self) -> nn.Module:
+        """The nn.LSTM, nn.GRU or nn.RNN."""
+        return getattr(self, self.config.cell)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        theirs = {key.split(".")[0] for key in state_dict} & set(CELLS)
+        if theirs and theirs != {self.config.cell}:
+            raise ValueError(f"the weights are those of a {'/'.join(sorted(theirs)).upper()} decoder; this decoder's "
+                             f"cell is {self.config.cell.upper()}")
+        return super().load_state_dict(state_dict, strict, assign)
 
     def set_evidence_words(self, concept_words: torch.Tensor, label_words: torch.Tensor) -> None:
         self.concept_words.copy_(concept_words)
@@ -195,9 +222,10 @@ class CaptionDecoder(nn.Module):
         return self.concept_head(pooled_image(features, self.config))
 
     def _project(self, features: torch.Tensor):
-        """-> (h0, c0) each layers x B x H, the input steps before <start> (B x S x E, S >= 0), the
-        attention memory (B x L x A) or None, and the evidence (label probabilities, concept
-        probabilities; None for what the decoder does not read)."""
+        """-> the initial state ((h0, c0) for the LSTM, h0 for the others, each layers x B x H), the
+        input steps before <start> (B x S x E, S >= 0), the attention memory (B x L x A) or None, and
+        the evidence (label probabilities, concept probabilities; None for what the decoder does not
+        read)."""
         c = self.config
         memory = None
         if self.attention is not None:
@@ -206,11 +234,12 @@ class CaptionDecoder(nn.Module):
         image, label_probs = features[:, :c.image_dim], features[:, c.image_dim:]
         projected = self.w_ih(self.feature_dropout(image))
         batch = features.size(0)
+        parts = self.state_parts
         if self.feeds_state:
-            state = projected[:, : 2 * c.num_layers * c.hidden_dim].view(batch, 2, c.num_layers, c.hidden_dim)
-            h0, c0 = state.permute(1, 2, 0, 3).contiguous().unbind(0)
+            state = projected[:, : parts * c.num_layers * c.hidden_dim].view(batch, parts, c.num_layers, c.hidden_dim)
+            state = state.permute(1, 2, 0, 3).contiguous().unbind(0)
         else:
-            h0 = c0 = features.new_zeros(c.num_layers, batch, c.hidden_dim)
+            state = (features.new_zeros(c.num_layers, batch, c.hidden_dim),) * parts
         steps = [projected[:, -c.embed_dim:].unsqueeze(1)] if self.feeds_input else []
         # Detached: the detectors learn from their own loss only and stay calibrated for decoding.
         concept_probs = torch.sigmoid(self.concept_logits(features)).detach() if c.concepts else None
@@ -218,7 +247,7 @@ class CaptionDecoder(nn.Module):
             evidence = torch.cat([p for p in (label_probs, concept_probs) if p is not None], dim=1)
             steps.append(self.evidence(evidence.to(projected.dtype)).unsqueeze(1))
         prefix = torch.cat(steps, dim=1) if steps else projected.new_zeros(batch, 0, c.embed_dim)
-        return (h0, c0), prefix, memory, (label_probs if c.labels else None, concept_probs)
+        return state if parts == 2 else state[0], prefix, memory, (label_probs if c.labels else None, concept_probs)
 
     def _logits(self, hidden: torch.Tensor, memory: torch.Tensor | None, weights: "StepWeights | None" = None) -> torch.Tensor:
         if self.attention is not None:
@@ -236,7 +265,7 @@ class CaptionDecoder(nn.Module):
         inputs = torch.cat([prefix, self.dropout(self.embed(captions[:, :-1]))], dim=1)
         steps = lengths.cpu() - 1 + prefix.size(1)
         packed = pack_padded_sequence(inputs, steps, batch_first=True, enforce_sorted=False)
-        out, _ = self.lstm(packed, state)
+        out, _ = self.recurrent(packed, state)
         out, _ = pad_packed_sequence(out, batch_first=True, total_length=inputs.size(1))
         return out[:, prefix.size(1):], memory
 
@@ -261,7 +290,7 @@ class CaptionDecoder(nn.Module):
 
     @property
     def _folded(self) -> bool:
-        return self.fold_step and not self.training
+        return self.fold_step and not self.training and self.config.cell == "lstm"
 
     def _step_weights(self) -> "StepWeights":
         """The LSTM's weights arranged for one step at a time, rebuilt whenever a weight changed
@@ -297,15 +326,15 @@ class CaptionDecoder(nn.Module):
               evidence_threshold: float | None = None, person_weight: float | None = None,
               person_threshold: float | None = None, object_weight: float | None = None,
               object_threshold: float | None = None):
-        """The decoding state after seeing the image, ready for the <start> token: the LSTM's (h, c)
-        (with the next recurrent gates W_hh h as a third part where `StepWeights.stacked` computes
-        them), the attention memory (or None) and the evidence bias on the word logits (or None).
-        Every tensor in it has the batch on dim 1, so decoding reorders them all alike; the memory is
+        """The decoding state after seeing the image, ready for the <start> token: the cell's state
+        (the LSTM's (h, c), with the next recurrent gates W_hh h as a third part where
+        `StepWeights.stacked` computes them), the attention memory (or None) and the evidence bias on
+        the word logits (or None). Every tensor in it has the batch on dim 1, so decoding reorders them all alike; the memory is
         kept as L x B x A and the bias as 1 x B x V for that."""
         state, prefix, memory, (label_probs, concept_probs) = self._project(features)
         if not self._folded:
             if prefix.size(1):
-                _, state = self.lstm(prefix, state)
+                _, state = self.recurrent(prefix, state)
         else:
             weights = self._step_weights()
             for s in range(prefix.size(1)):
@@ -325,12 +354,13 @@ class CaptionDecoder(nn.Module):
 
     def step(self, tokens: torch.Tensor, state):
         """One decoding step for a batch of tokens (N,) -> (logits N x V, new state). In eval mode the
-        LSTM runs as plain matrix products on `StepWeights`; training keeps `nn.LSTM`."""
+        LSTM runs as plain matrix products on `StepWeights`; training, and the other cells, keep the
+        PyTorch module."""
         lstm_state, memory, bias = state
         weights = self._step_weights() if self._folded else None
-        stacked = len(lstm_state) > 2  # start() chose the stacked product for this batch
+        stacked = weights is not None and len(lstm_state) > 2  # start() chose the stacked product for this batch
         if weights is None:
-            out, lstm_state = self.lstm(self.embed(tokens).unsqueeze(1), lstm_state)
+            out, lstm_state = self.recurrent(self.embed(tokens).unsqueeze(1), lstm_state)
             hidden = out[:, 0]
         else:
             hidden, lstm_state = self._lstm_step(weights, weights.by_token[tokens], lstm_state)

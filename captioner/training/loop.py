@@ -40,6 +40,7 @@ from .distributed import barrier, check_same_weights, log, setup_device, world
 from .features import FeatureStore, cached_features
 from .finetune import finetune
 from .fit_detectors import add_detectors, detector_photos, object_targets
+from .grad_flow import flow_record, hidden_gradients
 from .optimization import grad_scaler, learning_rate, optimization_step
 from .recipe import TrainConfig
 from .self_critical import self_critical
@@ -234,7 +235,8 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     evaluated = ema.module if ema is not None else decoder
     steps_per_epoch = len(captions) // (config.batch_size * processes)
     total_steps = steps_per_epoch * config.epochs
-    progress = {"epoch": 0, "step": 0, "best_cider": -1.0, "best_epoch": 0, "bad_epochs": 0, "plateau_scale": 1.0}
+    progress = {"epoch": 0, "step": 0, "best_cider": -1.0, "best_epoch": 0, "bad_epochs": 0, "plateau_scale": 1.0,
+                "grad_flow": []}
 
     last_dir, best_dir = out / "last", out / "best"
     metrics_path = out / "metrics.jsonl"
@@ -260,7 +262,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     for epoch in range(progress["epoch"] + 1, config.epochs + 1):
         generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
         model.train()
-        total_loss, seen = 0.0, 0
+        total_loss, seen, norms, flows = 0.0, 0, [], []
         bar = tqdm(shuffled_batches(len(captions), views, config.batch_size, generator, rank, processes),
                    total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", disable=rank != 0, unit="batch")
         for local_step, (picked, view) in enumerate(bar):
@@ -280,7 +282,12 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
                 concept = decoder.concept_logits(feats)
                 truth = concept_targets[owners[picked]].to(device).expand_as(concept)
                 loss = loss + config.concept_loss_weight * F.binary_cross_entropy_with_logits(concept, truth)
-            optimization_step(loss, optimizer, scaler, config.clip_norm)
+            if rank == 0 and config.grad_flow_every and progress["step"] % config.grad_flow_every == 0:
+                single = decoder.members[0] if hasattr(decoder, "members") else decoder
+                with autocast(device, config.precision):
+                    flow = hidden_gradients(single, feats, inputs, lengths)
+                flows.append(flow_record(progress["step"], flow.cpu(), lengths))
+            norms.append(optimization_step(loss, optimizer, scaler, config.clip_norm))
             if ema is not None:
                 ema.update_parameters(decoder)
             progress["step"] += 1
@@ -290,6 +297,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
                 bar.set_postfix(loss=f"{total_loss / seen:.3f}", lr=f"{lr:.2e}")
         bar.close()
         progress["epoch"] = epoch
+        progress["grad_flow"] += flows
         stop = torch.zeros(1)
         if rank == 0:
             val = validate(evaluated, val_features, val_records, vocab, device, config)
@@ -308,7 +316,9 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
                             training=summary, extra=_state_writer(optimizer, progress, ema))
             # Logged after the save: a line in metrics.jsonl means last/ holds that epoch.
             log_epoch(metrics_path, {"epoch": epoch, "step": progress["step"],
-                                     "train_loss": total_loss / max(1, seen), "lr": lr}, val, started, improved)
+                                     "train_loss": total_loss / max(1, seen), "lr": lr,
+                                     **gradient_summary(norms, config.clip_norm), "grad_flow": flows},
+                      val, started, improved)
             stop[0] = float(progress["bad_epochs"] >= config.patience)
         if dist.is_initialized():
             dist.broadcast(stop, 0)
@@ -345,6 +355,17 @@ def training_summary(config: TrainConfig, dataset: CaptionDataset, progress: dic
         "epochs_run": progress["epoch"],
         "best_epoch": progress["best_epoch"],
         "val_CIDEr": round(progress["best_cider"], 2),
+        **({"grad_flow": progress["grad_flow"]} if progress["grad_flow"] else {}),
         "train_seconds": round(seconds, 1),
         "recipe": dataclasses.asdict(config),
     }
+
+
+def gradient_summary(norms: list[float], clip_norm: float) -> dict:
+    """An epoch's global gradient norms (before clipping) -> their largest and mean, and the share of
+    steps that clipping changed (0 without clipping)."""
+    if not norms:
+        return {}
+    clipped = sum(n > clip_norm for n in norms) / len(norms) if clip_norm > 0 else 0.0
+    return {"grad_norm_max": round(max(norms), 4), "grad_norm_mean": round(sum(norms) / len(norms), 4),
+            "clipped_share": round(clipped, 4)}

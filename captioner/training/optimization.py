@@ -25,10 +25,14 @@ def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
 
 
 def optimization_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                      clip_norm: float) -> None:
+                      clip_norm: float) -> float:
+    """Backward, clip the global gradient norm to `clip_norm` (0: no clipping), step. -> the global
+    gradient norm before clipping."""
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
-    torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], clip_norm)
+    norm = torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]],
+                                          clip_norm if clip_norm > 0 else float("inf"))
     scaler.step(optimizer)
     scaler.update()
+    return float(norm)

@@ -42,6 +42,7 @@ class TrainConfig:
     embed_dim: int = 512
     hidden_dim: int = 512
     num_layers: int = 1
+    cell: str = "lstm"  # the recurrent cell: "lstm", "gru" or "rnn" (vanilla tanh)
     dropout: float = 0.5
     feature_dropout: float = 0.0
     image_feed: str = "state"
@@ -64,7 +65,9 @@ class TrainConfig:
     warmup_steps: int = 300
     schedule: str = "cosine"  # cosine | plateau
     min_lr_ratio: float = 0.05
-    clip_norm: float = 5.0
+    clip_norm: float = 5.0  # the global gradient norm is clipped to this; 0: no clipping
+    # every this many steps, record |dL/dh_t| through time on the batch (training/grad_flow.py; 0: never)
+    grad_flow_every: int = 250
     label_smoothing: float = 0.0
     ema_decay: float = 0.0  # > 0: validate and keep an exponential moving average of the weights (e.g. 0.999)
     scheduled_sampling: float = 0.0  # probability of feeding the model's own prediction instead of the truth
@@ -122,10 +125,12 @@ class TrainConfig:
         return config
 
     def decoder_config(self, feature_dim: int, vocab_size: int) -> DecoderConfig:
-        return DecoderConfig(feature_dim, vocab_size, self.embed_dim, self.hidden_dim, self.num_layers, self.dropout,
-                             self.feature_dropout, self.image_feed, self.tie_weights, self.members,
-                             self.attention_dim, 1000 if self.labels else 0, self.concepts, self.evidence_weight,
-                             self.evidence_threshold)
+        return DecoderConfig(feature_dim, vocab_size, embed_dim=self.embed_dim, hidden_dim=self.hidden_dim,
+                             num_layers=self.num_layers, cell=self.cell, dropout=self.dropout,
+                             feature_dropout=self.feature_dropout, image_feed=self.image_feed,
+                             tie_weights=self.tie_weights, members=self.members, attention_dim=self.attention_dim,
+                             labels=1000 if self.labels else 0, concepts=self.concepts,
+                             evidence_weight=self.evidence_weight, evidence_threshold=self.evidence_threshold)
 
     @property
     def shard_index(self) -> Path:

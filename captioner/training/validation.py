@@ -89,7 +89,10 @@ def plot_curves(metrics_path: Path, png_path: Path) -> None:
 
     rows = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
     epochs = [r["epoch"] for r in rows]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    flows = [f for r in rows for f in r.get("grad_flow", [])]
+    fig, (left, right, *gradients) = plt.subplots(1, 3 if flows else 2, figsize=(15 if flows else 10, 4))
+    if flows:
+        plot_grad_flow(gradients[0], flows)
     supervised = [r for r in rows if "train_loss" in r]
     left.plot([r["epoch"] for r in supervised], [r["train_loss"] for r in supervised], marker="o")
     left.set(title="training loss", xlabel="epoch")
@@ -106,3 +109,13 @@ def plot_curves(metrics_path: Path, png_path: Path) -> None:
     fig.tight_layout()
     atomic_file(png_path, lambda tmp: fig.savefig(tmp, dpi=80), suffix=".tmp.png")
     plt.close(fig)
+
+
+def plot_grad_flow(axis, records: list[dict]) -> None:
+    """|dL/dh_t| against t (log scale) at the start, middle and end of training (grad_flow.py)."""
+    picked = {"start": records[0], "middle": records[len(records) // 2], "end": records[-1]}
+    for name, record in picked.items():
+        values = record["dL_dh"]
+        axis.plot(range(1, len(values) + 1), values, marker=".", label=f"{name} (step {record['step']})")
+    axis.set(title="gradient through time", xlabel="word position t", ylabel="|dL/dh_t|", yscale="log")
+    axis.legend()
