@@ -29,7 +29,7 @@ from captioner.grounding.concepts import FUNCTION_WORDS
 from captioner.inference.engines import BACKENDS
 from captioner.inference.explain import overlay
 from captioner.model.checkpoint import test_reports
-from captioner.training.validation import plot_curves, plot_grad_flow
+from captioner.training.validation import plot_curves, plot_grad_flow_records
 from captioner.pipeline import BUILTIN
 from captioner.server import MAX_UPLOAD_MB, read_credentials, serve_local
 
@@ -142,16 +142,7 @@ def training_curves(config: dict, checkpoint: str | None) -> str | None:
     flows = config.get("training", {}).get("grad_flow")
     if not flows:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axis = plt.subplots(figsize=(6, 4))
-    plot_grad_flow(axis, flows)
-    fig.tight_layout()
-    fig.savefig(png, dpi=80)
-    plt.close(fig)
+    plot_grad_flow_records(flows, png)
     return str(png)
 
 

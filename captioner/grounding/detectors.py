@@ -141,6 +141,15 @@ def label_objects(vocab: Vocabulary, table: ObjectTable) -> dict[str, dict]:
     return {obj: entry for obj, entry in sorted(objects.items()) if entry["words"]}
 
 
+def object_classes(objects: dict[str, dict], num_classes: int) -> torch.Tensor:
+    """num_classes x O, for `label_objects`' objects in order: 1 where a class is one of the object's,
+    so that class probabilities times it sum each object's."""
+    classes = torch.zeros(num_classes, len(objects))
+    for k, entry in enumerate(objects.values()):
+        classes[entry["classes"], k] = 1.0
+    return classes
+
+
 def calibrate(support: torch.Tensor, present: torch.Tensor, floor: float = CALIBRATION_FLOOR,
               l2: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Platt scaling of a classifier's support for each object (N x K probabilities, N x K bools:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from .detectors import CALIBRATION_FLOOR
+from .detectors import CALIBRATION_FLOOR, object_classes
 from .naming import ANIMAL_CLASSES, PRESENT
 
 # What the image's evidence does to a caption: nothing; keeps out the words it does not support (and
@@ -84,10 +84,7 @@ def object_presence(config, label_probs: torch.Tensor) -> tuple[list[str], torch
     """-> (the objects of `config.label_objects`, B x O calibrated probabilities that the image's
     references would name each; 0 where the classifier's support is below the calibration's floor)."""
     names = list(config.label_objects)
-    classes = torch.zeros(label_probs.size(1), len(names), device=label_probs.device)
-    for k, name in enumerate(names):
-        classes[config.label_objects[name]["classes"], k] = 1.0
-    support = label_probs.float() @ classes
+    support = label_probs.float() @ object_classes(config.label_objects, label_probs.size(1)).to(label_probs.device)
     slopes, intercepts = (torch.tensor([[config.label_objects[n][key] for n in names]], device=label_probs.device)
                           for key in ("slope", "intercept"))
     presence = torch.sigmoid(slopes * torch.logit(support.clamp(1e-4, 1 - 1e-4)) + intercepts)

@@ -14,7 +14,7 @@ from ..data.datasets import ImageCaptions
 from ..data.vocab import Vocabulary
 from ..evaluation.hallucination import PERSON, ObjectTable
 from ..grounding.detectors import (animal_objects, auc, calibrate, fit_object_detectors, fit_person_detector,
-                                   label_objects, person_word_ids,
+                                   label_objects, object_classes, person_word_ids,
                                    shows, shows_person, word_masks)
 from ..inference.decoding import beam_search
 from ..model.checkpoint import load_checkpoint, save_checkpoint
@@ -138,15 +138,12 @@ def calibrate_label_objects(decoder, vocab: Vocabulary, features: torch.Tensor, 
     object must be sure of is that it is there when the caption left it out."""
     objects = label_objects(vocab, table)
     names = list(objects)
-    classes = torch.zeros(label_probs.size(1), len(names))
-    for k, name in enumerate(names):
-        classes[objects[name]["classes"], k] = 1.0
     captions = [" ".join(vocab.words(beams[0].tokens))
                 for start in range(0, len(features), 250)
                 for beams in beam_search(decoder, features[start:start + 250], beam_size=beam_size)]
     named = torch.tensor([[name in set(table.mentions(c)) for name in names] for c in captions],
                          dtype=torch.bool).view(len(captions), len(names))
-    support = (label_probs.float().cpu() @ classes).masked_fill(named, 0.0)
+    support = (label_probs.float().cpu() @ object_classes(objects, label_probs.size(1))).masked_fill(named, 0.0)
     slopes, intercepts = calibrate(support, shows(references, table, names))
     for name, slope, intercept in zip(names, slopes.tolist(), intercepts.tolist()):
         objects[name].update(slope=round(slope, 4), intercept=round(intercept, 4))

@@ -119,3 +119,17 @@ def plot_grad_flow(axis, records: list[dict]) -> None:
         axis.plot(range(1, len(values) + 1), values, marker=".", label=f"{name} (step {record['step']})")
     axis.set(title="gradient through time", xlabel="word position t", ylabel="|dL/dh_t|", yscale="log")
     axis.legend()
+
+
+def plot_grad_flow_records(records: list[dict], png_path: Path) -> None:
+    """The gradient panel alone, from records kept in a checkpoint's config."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axis = plt.subplots(figsize=(6, 4))
+    plot_grad_flow(axis, records)
+    fig.tight_layout()
+    atomic_file(png_path, lambda tmp: fig.savefig(tmp, dpi=80), suffix=".tmp.png")
+    plt.close(fig)
