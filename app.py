@@ -214,14 +214,14 @@ def build_app(captioner: Captioner, checkpoint: str | None = None) -> gr.Blocks:
                 with gr.Column():
                     image = ImageUpload(type="filepath", sources=["upload", "clipboard", "webcam"], label="Image",
                                      elem_id="image-input")
-                    method = gr.Radio(list(METHODS), value="Argmax (greedy)", label="Decoding", elem_id="method")
+                    method = gr.Radio(list(METHODS), value="Beam search", label="Decoding", elem_id="method")
                     with gr.Group(visible=False) as sample_controls:
                         temperature = gr.Slider(0.1, 2.0, value=1.0, step=0.05, label="Temperature")
                         top_k = gr.Slider(0, 100, value=0, step=1, label="Top-k (0: off)")
                         top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
                         num_samples = gr.Slider(1, 5, value=3, step=1, label="Number of samples")
                         seed = gr.Number(value=0, precision=0, label="Seed")
-                    with gr.Group(visible=False) as beam_controls:
+                    with gr.Group(visible=True) as beam_controls:
                         beam_size = gr.Slider(1, 10, value=3, step=1, label="Beam size")
                         length_penalty = gr.Slider(-1.0, 2.0, value=0.0, step=0.1, label="Length penalty α")
                     max_length = gr.Slider(5, 40, value=20, step=1, label="Max length (tokens)")
@@ -259,7 +259,7 @@ def build_app(captioner: Captioner, checkpoint: str | None = None) -> gr.Blocks:
         with gr.Tab("Batch"):
             files = gr.File(file_count="multiple", label="Images", elem_id="batch-files")
             with gr.Row():
-                batch_method = gr.Radio(["Argmax (greedy)", "Beam search"], value="Argmax (greedy)", label="Decoding")
+                batch_method = gr.Radio(["Argmax (greedy)", "Beam search"], value="Beam search", label="Decoding")
                 batch_beam = gr.Slider(1, 10, value=3, step=1, label="Beam size")
             run = gr.Button("Caption all", variant="primary")
             batch_table = gr.Dataframe(headers=["file", "caption", "error"], interactive=False)

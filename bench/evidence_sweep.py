@@ -23,13 +23,10 @@ import itertools
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from captioner import Captioner  # noqa: E402
 from captioner.data.datasets import load_dataset  # noqa: E402
-from captioner.data.loading import image_batches  # noqa: E402
 from captioner.evaluation.hallucination import ObjectTable, by_person, hallucination  # noqa: E402
 from captioner.evaluation.metrics import caption_stats, score_captions  # noqa: E402
 from captioner.model.runtime import keep_freed_memory  # noqa: E402
@@ -84,9 +81,8 @@ def main() -> int:
           "BLEU-4 | CIDEr | CHAIRs | CHAIRi | recall | words | captions | cut | person invented")
     for dataset in args.dataset:
         records = load_dataset(dataset).split(args.split)
-        paths = [r.image for r in records]
-        features = torch.cat([captioner.encode(pixels[0]) for _, pixels, _ in
-                              image_batches(paths, captioner.transform, 50, 0)])
+        good, features = captioner.encode_files([r.image for r in records], 50)
+        records = [records[i] for i in good]
         references = {str(r.image): r.captions for r in records}
         for values in itertools.product(*grid.values()):
             setting = dict(zip(grid, values))
@@ -96,7 +92,7 @@ def main() -> int:
                                                    grounding=args.grounding, **setting):
                     texts.append(best.text)
                     ended.append(best.ended)
-            predictions = {str(p): t for p, t in zip(paths, texts)}
+            predictions = {str(r.image): t for r, t in zip(records, texts)}
             print(f"{Path(dataset).name} | {values[0]} | {values[1]} | {values[2]} / {values[3]} | "
                   f"{values[4]} / {values[5]} | {values[6]} | "
                   f"{score_cells(predictions, references, ended, table)}", flush=True)

@@ -27,7 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from captioner import Captioner  # noqa: E402
 from captioner.data.datasets import load_dataset  # noqa: E402
-from captioner.data.loading import image_batches  # noqa: E402
 from captioner.evaluation.hallucination import ObjectTable, singular  # noqa: E402
 from captioner.grounding.detectors import auc, fit_person_detector, person_word_ids, shows_person
 from captioner.model.decoder import pooled_image  # noqa: E402
@@ -58,9 +57,8 @@ def main() -> int:
     print("person words among the concept detectors:", ", ".join(concept_words[k] for k in person))
 
     def encoded(records):
-        features = torch.cat([captioner.encode(pixels[0]) for _, pixels, _ in
-                              image_batches([r.image for r in records], captioner.transform, 50, 0)])
-        return features.float(), shows_person([r.captions for r in records], table)
+        good, features = captioner.encode_files([r.image for r in records], 50)
+        return features.float(), shows_person([records[i].captions for i in good], table)
 
     train_features, train_shows, dev = [], [], []
     for dataset in args.dataset:

@@ -20,13 +20,10 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from captioner import Captioner  # noqa: E402
 from captioner.data.datasets import load_dataset  # noqa: E402
-from captioner.data.loading import image_batches  # noqa: E402
 from captioner.evaluation.hallucination import ObjectTable, by_person, hallucination, names_person  # noqa: E402
 from captioner.evaluation.metrics import score_captions  # noqa: E402
 from captioner.model.runtime import keep_freed_memory  # noqa: E402
@@ -55,16 +52,15 @@ def main() -> int:
     print("checkpoint | photos | BLEU-4 | CIDEr | CHAIRs | CHAIRi | recall | most invented")
     for checkpoint in args.checkpoints:
         captioner = Captioner.from_pretrained(checkpoint)
-        features = torch.cat([captioner.encode(pixels[0]) for _, pixels, _ in
-                              image_batches([r.image for r in records], captioner.transform, 50, 0)])
+        good, features = captioner.encode_files([r.image for r in records], 50)
         beams = captioner.decode(features, "beam", beam_size=args.beam_size)
-        predictions = {str(r.image): b[0].text for r, b in zip(records, beams)}
+        predictions = {str(records[i].image): b[0].text for i, b in zip(good, beams)}
         split = by_person(predictions, references, table)
         chair = {"all": hallucination(predictions, references, table), "with a person": split.get("with_person"),
                  "without a person": split.get("without_person")}
         figures = {}
         for group, keys in groups.items():
-            picked = {k: predictions[k] for k in keys}
+            picked = {k: predictions[k] for k in keys if k in predictions}  # an unreadable photo is left out
             scores = score_captions(picked, {k: references[k] for k in keys}, metrics=("bleu", "cider"))
             h = chair[group]
             figures[group] = [scores["BLEU-4"], scores["CIDEr"], h["CHAIRs"], h["CHAIRi"], h["object_recall"]]

@@ -229,17 +229,12 @@ def cmd_export(args) -> int:
         if not args.objects:
             raise UsageError("--calibrate needs --objects (the CHAIR table)")
         from .data.datasets import load_dataset
-        from .data.loading import image_batches
         from .evaluation.hallucination import ObjectTable
         from .training.fit_detectors import calibrate_label_objects
 
         records = [r for path in args.calibrate for r in load_dataset(path).split("val")]
-        good, parts = [], []
-        for indices, pixels, _ in image_batches([r.image for r in records], captioner.transform, 32, 0):
-            good += indices
-            parts.append(captioner.encode(pixels[0]))
-        records = [records[i] for i in good]  # an unreadable photo is left out, as `eval` leaves it
-        features = torch.cat(parts)
+        good, features = captioner.encode_files([r.image for r in records])
+        records = [records[i] for i in good]
         label_probs = captioner.encoder.label_probs(captioner._pooled(features))
         captioner.decoder.config.label_objects = calibrate_label_objects(
             captioner.decoder, captioner.vocab, features, label_probs, [r.captions for r in records],
@@ -299,18 +294,34 @@ def cmd_push(args) -> int:
     return EXIT_OK
 
 
+def readable_json(value, indent: str = "") -> str:
+    """JSON indented by level, but a list of numbers or strings on one line: a checkpoint's class
+    lists and gradient records would otherwise take a line per number."""
+    inner = indent + "  "
+    if isinstance(value, dict) and value:
+        items = (f"{inner}{json.dumps(key)}: {readable_json(item, inner)}" for key, item in value.items())
+        return "{\n" + ",\n".join(items) + f"\n{indent}}}"
+    if isinstance(value, list) and any(isinstance(item, (dict, list)) for item in value):
+        return "[\n" + ",\n".join(inner + readable_json(item, inner) for item in value) + f"\n{indent}]"
+    return json.dumps(value)
+
+
 def cmd_info(args) -> int:
     from .model.checkpoint import read_config
     from .pipeline import BUILTIN, PRETRAINED_DIR
 
     path = PRETRAINED_DIR / BUILTIN if args.checkpoint in (None, BUILTIN) else args.checkpoint
     config = read_config(path)
-    print(json.dumps(config, indent=2))
+    print(readable_json(config))
     flows = config.get("training", {}).get("grad_flow")
     if flows:  # on stderr: stdout stays one JSON document
         last = flows[-1]
-        print(f"{config['decoder'].get('cell', 'lstm').upper()}: |dL/dh_1| / |dL/dh_T| = {last['ratio_first_last']:.4g} "
-              f"at step {last['step']} (T = {len(last['dL_dh'])}; {len(flows)} records)", file=sys.stderr)
+        reach = (f", the last word's |dl_T/dh_1| / |dl_T/dh_T| = {last['ratio_last_word']:.4g}"
+                 if "ratio_last_word" in last else "")
+        if "ratio_last_word_cell" in last:
+            reach += f", |dl_T/dc_1| / |dl_T/dh_T| = {last['ratio_last_word_cell']:.4g}"
+        print(f"{config['decoder'].get('cell', 'lstm').upper()}: |dL/dh_1| / |dL/dh_T| = {last['ratio_first_last']:.4g}"
+              f"{reach} at step {last['step']} (T = {len(last['dL_dh'])}; {len(flows)} records)", file=sys.stderr)
     return EXIT_OK
 
 

@@ -131,6 +131,16 @@ class Captioner:
                                         self.precision, self.fold)
         return self._engine(pixels.to(self.device, non_blocking=True)).to(self.device)
 
+    def encode_files(self, sources: Sequence[ImageInput], batch_size: int = 32) -> tuple[list[int], torch.Tensor]:
+        """-> (the indices into `sources` of the images that could be read, their features in that
+        order): an unreadable image is left out, as `captioner eval` leaves it out."""
+        kept, parts = [], []
+        for indices, pixels, _ in image_batches(list(sources), self.transform, batch_size, 0):
+            if pixels is not None:
+                kept += indices
+                parts.append(self.encode(pixels[0]))
+        return kept, torch.cat(parts) if parts else torch.zeros(0)
+
     def decode(self, features: torch.Tensor, method: str = "greedy", *, seeds: Sequence[int] | None = None,
                beam_size: int = 3, length_penalty: float = 0.0, no_repeat_ngram_size: int = 0,
                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, num_samples: int = 1,

@@ -33,7 +33,11 @@ def test_caption_reports_a_bad_file_and_exits_2(tiny_checkpoint, scene_paths, tm
 
 def test_info_prints_the_config(tiny_checkpoint, capsys):
     assert main(["info", str(tiny_checkpoint)]) == 0
-    assert json.loads(capsys.readouterr().out)["encoder"]["name"] == "efficientnet_lite0"
+    out = capsys.readouterr().out
+    config = json.loads(out)
+    assert config["encoder"]["name"] == "efficientnet_lite0"
+    # a list of numbers on one line, not a line per number
+    assert f'    "mean": {json.dumps(config["transform"]["mean"])},' in out.splitlines()
 
 
 def test_usage_errors_exit_1(tmp_path, capsys):

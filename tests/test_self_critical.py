@@ -7,11 +7,13 @@ import torch
 from pycocoevalcap.cider.cider import Cider
 
 from captioner import Captioner
+from captioner.data.datasets import load_dataset
 from captioner.data.vocab import END, START, tokenize
 from captioner.evaluation.hallucination import ObjectTable
 from captioner.model.decoder import DecoderConfig
 from captioner.model.ensemble import build_decoder
-from captioner.training.loop import train
+from captioner.training.batches import draws, shuffled_batches
+from captioner.training.loop import person_free_repeats, train
 from captioner.training.recipe import TrainConfig
 from captioner.training.self_critical import (CiderD, ObjectReward, advantages, balanced_order, keeps_caption_quality,
                                               policy_loss, sequence_logprobs)
@@ -99,6 +101,48 @@ def test_a_balanced_epoch_draws_each_dataset_equally_often():
     small = torch.bincount(order[groups[order] == 1], minlength=37)[30:]
     assert small.min() >= 2 and small.max() <= 3  # every small-dataset image twice, two a third time
     assert not torch.equal(order, balanced_order(groups, torch.Generator().manual_seed(4)))
+
+
+def test_photos_without_people_are_drawn_as_often_as_their_weight_says(tiny_dataset, tmp_path):
+    # this table's "person" is a circle or a square: the stripes and the triangle show no one
+    (tmp_path / "objects.txt").write_text("person, circle, square\ntriangle\n")
+    table = ObjectTable.load(tmp_path / "objects.txt")
+    records = load_dataset(tiny_dataset).split("train")
+    name = records[0].dataset
+    repeats = person_free_repeats({name: 3}, records, table)
+    free = [not ("circle" in r.captions[0] or "square" in r.captions[0]) for r in records]
+    assert repeats.tolist() == [3 if f else 1 for f in free] and sum(free) == 2
+    assert person_free_repeats({}, records, None).tolist() == [1] * len(records)
+    with pytest.raises(ValueError, match="person_free_weight: no training photos from a dataset named 'coco'"):
+        person_free_repeats({"coco": 3}, records, table)
+    with pytest.raises(ValueError, match=r"person_free_weight\[.*\] must be a whole number >= 1, not 1.5"):
+        person_free_repeats({name: 1.5}, records, table)
+    # an epoch of teacher forcing draws each caption of a person-free photo three times, in some order
+    pool = draws(repeats)
+    drawn = torch.cat([picked for picked, _ in shuffled_batches(pool, 2, 1, torch.Generator().manual_seed(0))])
+    assert torch.bincount(drawn).tolist() == repeats.tolist()
+    # the last phase's balanced draw: within a dataset, an image weighted 5 comes up about 5 times as often
+    groups = torch.tensor([0] * 100 + [1] * 100)
+    weights = torch.tensor([5] * 10 + [1] * 190)
+    counts = torch.bincount(balanced_order(groups, torch.Generator().manual_seed(0), weights), minlength=200).float()
+    assert len(counts) == 200 and counts[:10].mean() > 3 * counts[10:100].mean()
+    assert counts[100:].tolist() == [1.0] * 100  # the other dataset as before: each image once
+
+
+def test_training_draws_the_weighted_photos_in_both_phases(tiny_dataset, tmp_path):
+    (tmp_path / "objects.txt").write_text("person, circle, square\ntriangle\n")
+    name = tiny_dataset.parent.name  # a recipe's one dataset is named by its folder
+    settings = dict(epochs=1, self_critical_epochs=1, self_critical_lr=1e-3, self_critical_samples=2, batch_size=4,
+                    objects=str(tmp_path / "objects.txt"))
+    train(tiny_config(tiny_dataset, tmp_path / "weighted", person_free_weight={name: 3}, **settings))
+    train(tiny_config(tiny_dataset, tmp_path / "plain", **settings))
+    steps = {run: [json.loads(line) for line in (tmp_path / run / "run" / "metrics.jsonl").read_text().splitlines()]
+             for run in ("weighted", "plain")}
+    # 4 captions, 2 of them drawn 3 times: 8 a teacher-forced epoch, two batches of 4 instead of one
+    assert steps["weighted"][0]["step"] == 2 and steps["plain"][0]["step"] == 1
+    assert steps["weighted"][1]["phase"] == "self-critical"
+    with pytest.raises(ValueError, match="person_free_weight needs objects"):
+        train(tiny_config(tiny_dataset, tmp_path / "no_table", person_free_weight={name: 3}))
 
 
 def test_self_critical_phase_runs_after_the_decoder_and_keeps_a_loadable_best(tiny_dataset, tmp_path, capfd):

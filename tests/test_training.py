@@ -54,8 +54,8 @@ def cli_flags(config: TrainConfig) -> list[str]:
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
             flags.append(flag if value else "--no-" + key.replace("_", "-"))
-        elif isinstance(value, list):
-            assert not value, "a list field (datasets) has no command-line flag"
+        elif isinstance(value, (list, dict)):
+            assert not value, "a list or table field (datasets, person_free_weight) has no command-line flag"
         elif value != "":
             flags += [flag, str(value)]
     return flags

@@ -28,13 +28,19 @@ def pad_batch(captions: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     return batch, lengths
 
 
-def shuffled_batches(count: int, views: int, batch_size: int, generator: torch.Generator, rank: int = 0,
+def shuffled_batches(pool: torch.Tensor, views: int, batch_size: int, generator: torch.Generator, rank: int = 0,
                      world: int = 1):
-    """One epoch over `count` captions in random order: batches of caption indices, each caption with
-    the image view (original or mirrored) it trains on. Each of `world` processes takes its share."""
-    order = torch.randperm(count, generator=generator)
-    view_of = torch.randint(views, (count,), generator=generator)
-    for local_step in range(count // (batch_size * world)):
+    """One epoch over the caption indices of `pool` in random order (a caption in it twice is drawn
+    twice): batches of caption indices, each drawn with the image view (original or mirrored) it
+    trains on. Each of `world` processes takes its share."""
+    positions = torch.randperm(len(pool), generator=generator)
+    view_of = torch.randint(views, (len(pool),), generator=generator)
+    for local_step in range(len(pool) // (batch_size * world)):
         start = (local_step * world + rank) * batch_size
-        picked = order[start:start + batch_size]
-        yield picked, view_of[picked]
+        drawn = positions[start:start + batch_size]
+        yield pool[drawn], view_of[drawn]
+
+
+def draws(repeats: torch.Tensor) -> torch.Tensor:
+    """Each index of `repeats` as many times as it says: [1, 3, 1] -> [0, 1, 1, 1, 2]."""
+    return torch.arange(len(repeats)).repeat_interleave(repeats)

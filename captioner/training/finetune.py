@@ -55,7 +55,7 @@ def finetune(config: TrainConfig, encoder: Encoder, best_dir: Path, cache: dict,
         encoder.train()
         decoder.train()
         total, seen = 0.0, 0
-        bar = tqdm(shuffled_batches(len(captions), train_activations.size(0), config.batch_size, generator),
+        bar = tqdm(shuffled_batches(torch.arange(len(captions)), train_activations.size(0), config.batch_size, generator),
                    total=steps_per_epoch, desc=f"fine-tune {k}/{config.finetune_epochs}", unit="batch")
         for picked, view in bar:
             tokens, lengths = pad_batch([captions[i] for i in picked.tolist()])

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..data.datasets import CaptionDataset, load_datasets
 from ..data.vocab import END, Vocabulary
-from ..evaluation.hallucination import ObjectTable
+from ..evaluation.hallucination import ObjectTable, names_person
 from ..grounding.concepts import concept_targets as make_concept_targets
 from ..grounding.concepts import concept_words
 from ..grounding.labels import imagenet_classes
@@ -35,7 +35,7 @@ from ..model.decoder import caption_loss
 from ..model.encoders import build_encoder
 from ..model.ensemble import build_decoder, members_log_probs
 from ..model.runtime import autocast
-from .batches import encode_captions, pad_batch, shuffled_batches
+from .batches import draws, encode_captions, pad_batch, shuffled_batches
 from .distributed import barrier, check_same_weights, log, setup_device, world
 from .features import FeatureStore, cached_features
 from .finetune import finetune
@@ -62,6 +62,24 @@ def dataset_indices(records) -> torch.Tensor:
     """Which of the datasets (numbered in order of first appearance) each record comes from."""
     names = list(dict.fromkeys(r.dataset for r in records))
     return torch.tensor([names.index(r.dataset) for r in records])
+
+
+def person_free_repeats(weights: dict, train_records, table: ObjectTable | None) -> torch.Tensor:
+    """How many times each training photo is drawn an epoch: `weights[dataset]` for a photo of that
+    dataset whose references name no person, else 1; an error naming the setting if a dataset or a
+    weight is wrong."""
+    names = {r.dataset for r in train_records}
+    for name, weight in weights.items():
+        if name not in names:
+            raise ValueError(f"person_free_weight: no training photos from a dataset named {name!r} "
+                             f"(datasets: {', '.join(sorted(names))})")
+        if not isinstance(weight, int) or isinstance(weight, bool) or weight < 1:
+            raise ValueError(f"person_free_weight[{name!r}] must be a whole number >= 1, not {weight!r}")
+    repeats = torch.ones(len(train_records), dtype=torch.long)
+    for i, record in enumerate(train_records):
+        if weights.get(record.dataset, 1) > 1 and not names_person(table, record.captions):
+            repeats[i] = weights[record.dataset]
+    return repeats
 
 
 def mix_predictions(decoder, features, captions, lengths, probability: float, generator: torch.Generator):
@@ -189,10 +207,11 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
         raise ValueError("object_detector_photos must be 0 (no object detectors) or positive")
     rewards_objects = bool(config.self_critical_epochs and config.self_critical_object_weight)
     object_table = None
-    if rewards_objects or config.person_detector_from or config.object_detector_photos:
+    if rewards_objects or config.person_detector_from or config.object_detector_photos or config.person_free_weight:
         if not config.objects:
             setting = ("self_critical_object_weight" if rewards_objects else
-                       "person_detector_from" if config.person_detector_from else "object_detector_photos")
+                       "person_detector_from" if config.person_detector_from else
+                       "object_detector_photos" if config.object_detector_photos else "person_free_weight")
             raise ValueError(f"{setting} needs objects: the CHAIR table of objects and their words")
         object_table = ObjectTable.load(config.objects)  # a bad table fails now, not after the decoder trained
     rank, processes = world()
@@ -208,7 +227,9 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
         detector_photos(config.person_detector_from, train_records)  # a wrong name fails before training
     if config.object_detector_photos:
         object_targets(train_records, object_table, config.object_detector_photos)  # and so does too few photos
+    repeats = person_free_repeats(config.person_free_weight, train_records, object_table)
     owners, captions = encode_captions(train_records, vocab, config.max_caption_length)
+    pool = draws(repeats[owners])  # the captions an epoch draws
     # Seeded here, after feature extraction, which draws from the RNG only on a cache miss.
     torch.manual_seed(config.seed)
     random.seed(config.seed)
@@ -233,7 +254,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     # The average the run validates and keeps as best/; last/ holds the live weights and the average.
     ema = AveragedModel(decoder, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay)) if config.ema_decay else None
     evaluated = ema.module if ema is not None else decoder
-    steps_per_epoch = len(captions) // (config.batch_size * processes)
+    steps_per_epoch = len(pool) // (config.batch_size * processes)
     total_steps = steps_per_epoch * config.epochs
     progress = {"epoch": 0, "step": 0, "best_cider": -1.0, "best_epoch": 0, "bad_epochs": 0, "plateau_scale": 1.0,
                 "grad_flow": []}
@@ -263,7 +284,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
         generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
         model.train()
         total_loss, seen, norms, flows = 0.0, 0, [], []
-        bar = tqdm(shuffled_batches(len(captions), views, config.batch_size, generator, rank, processes),
+        bar = tqdm(shuffled_batches(pool, views, config.batch_size, generator, rank, processes),
                    total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", disable=rank != 0, unit="batch")
         for local_step, (picked, view) in enumerate(bar):
             tokens, lengths = pad_batch([captions[i] for i in picked.tolist()])
@@ -285,8 +306,9 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
             if rank == 0 and config.grad_flow_every and progress["step"] % config.grad_flow_every == 0:
                 single = decoder.members[0] if hasattr(decoder, "members") else decoder
                 with autocast(device, config.precision):
-                    flow = hidden_gradients(single, feats, inputs, lengths)
-                flows.append(flow_record(progress["step"], flow.cpu(), lengths))
+                    flow, reach, cell_reach = hidden_gradients(single, feats, inputs, lengths)
+                flows.append(flow_record(progress["step"], flow.cpu(), reach.cpu(), lengths,
+                                         None if cell_reach is None else cell_reach.cpu()))
             norms.append(optimization_step(loss, optimizer, scaler, config.clip_norm))
             if ema is not None:
                 ema.update_parameters(decoder)
@@ -337,7 +359,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
             raise ValueError("the self-critical phase runs in one process; start it without torchrun")
         self_critical(config, encoder, best_dir, train_features, owners, captions, val_features, val_records,
                       vocab, device, metrics_path, progress["epoch"], object_table if rewards_objects else None,
-                      dataset_indices(train_records))
+                      dataset_indices(train_records), repeats)
     if rank == 0 and (config.person_detector_from or config.object_detector_photos):
         add_detectors(config, best_dir, train_records, train_features, val_records, val_features, object_table)
     if dist.is_initialized():

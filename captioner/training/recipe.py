@@ -90,6 +90,10 @@ class TrainConfig:
     # several datasets: each epoch draws as many images from each dataset (a small one's repeat, a
     # large one's are a random part), as validation weighs each dev set once
     self_critical_balanced: bool = False
+    # photos without people: {dataset name: N} draws that dataset's training photos whose references
+    # name no person (the CHAIR table's person group) N times as often, in the teacher-forced epochs
+    # and the last phase ({}: every photo alike)
+    person_free_weight: dict = dataclasses.field(default_factory=dict)
     # decoding for validation (greedy, every epoch) and the final test report
     max_length: int = 20
     eval_beam_size: int = 3

@@ -39,7 +39,7 @@ from ..model.checkpoint import load_checkpoint, save_checkpoint
 from ..model.decoder import caption_loss
 from ..model.ensemble import members_log_probs
 from ..model.runtime import autocast
-from .batches import pad_batch
+from .batches import draws, pad_batch
 from .features import FeatureStore
 from .optimization import grad_scaler, learning_rate, optimization_step
 from .validation import log_epoch, save_phase_best, validate
@@ -137,15 +137,18 @@ def keeps_caption_quality(candidate: dict, reference: dict, min_word_ratio: floa
             and candidate["hit_max_length"] <= reference["hit_max_length"])
 
 
-def balanced_order(groups: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def balanced_order(groups: torch.Tensor, generator: torch.Generator, repeats: torch.Tensor | None = None) -> torch.Tensor:
     """A random order of indices into `groups` (each image's dataset), as many as it has to within
     one per group, every group given an equal share: a smaller group's indices repeat, each round in
-    a fresh random order, and a larger group's share is a random part of them."""
+    a fresh random order, and a larger group's share is a random part of them. Within a group an
+    index is drawn `repeats[index]` times as often (None: all alike)."""
     names = groups.unique()
     share = len(groups) // len(names)
     picked = []
     for name in names:
         members = (groups == name).nonzero().view(-1)
+        if repeats is not None:
+            members = members.repeat_interleave(repeats[members])
         rounds = [members[torch.randperm(len(members), generator=generator)] for _ in range(-(-share // len(members)))]
         picked.append(torch.cat(rounds)[:share])
     order = torch.cat(picked)
@@ -155,13 +158,15 @@ def balanced_order(groups: torch.Tensor, generator: torch.Generator) -> torch.Te
 def self_critical(config, encoder, best_dir: Path, train_features: FeatureStore, owners: torch.Tensor,
                   captions: list[list[int]], val_features: torch.Tensor, val_records, vocab,
                   device: torch.device, metrics_path: Path, epochs_done: int,
-                  object_table: ObjectTable | None = None, dataset_of: torch.Tensor | None = None) -> None:
+                  object_table: ObjectTable | None = None, dataset_of: torch.Tensor | None = None,
+                  repeats: torch.Tensor | None = None) -> None:
     """Trains `best/`'s decoder with self-critical sequence training for `config.self_critical_epochs`
     epochs over the training images (a random view of each), `config.batch_size` sampled captions a
     step; `best/` is replaced when validation CIDEr improves and `keeps_caption_quality` holds. With
     `object_table`, rewards add `config.self_critical_object_weight` x `ObjectReward`; with
     `config.self_critical_balanced`, each epoch draws equally from each dataset (`dataset_of`: the
-    dataset index of each training image)."""
+    dataset index of each training image); `repeats`: how many times as often each image is drawn
+    (None: all alike)."""
     _, decoder, _, _, saved = load_checkpoint(best_dir, device)
     saved["training"]["recipe"] = dataclasses.asdict(config)  # the settings this phase ran with too
     references = references_by_image(owners, captions, train_features.size(1))
@@ -184,9 +189,10 @@ def self_critical(config, encoder, best_dir: Path, train_features: FeatureStore,
     for epoch in range(1, config.self_critical_epochs + 1):
         generator = torch.Generator().manual_seed(config.seed * 100_003 + epochs_done + epoch)
         if config.self_critical_balanced:
-            order = balanced_order(dataset_of, generator)
+            order = balanced_order(dataset_of, generator, repeats)
         else:
-            order = torch.randperm(train_features.size(1), generator=generator)
+            pool = torch.arange(train_features.size(1)) if repeats is None else draws(repeats)
+            order = pool[torch.randperm(len(pool), generator=generator)]
         views = torch.randint(train_features.size(0), (len(order),), generator=generator)
         decoder.eval()  # dropout off: the sampled policy is the one whose gradient is taken
         total_reward, total_objects, seen = 0.0, 0.0, 0

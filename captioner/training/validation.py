@@ -112,12 +112,19 @@ def plot_curves(metrics_path: Path, png_path: Path) -> None:
 
 
 def plot_grad_flow(axis, records: list[dict]) -> None:
-    """|dL/dh_t| against t (log scale) at the start, middle and end of training (grad_flow.py)."""
+    """|dL/dh_t| (solid), the last word's loss alone at h_t, |dl_T/dh_t| (dashed), and for the LSTM
+    along its cell state, |dl_T/dc_t| (dotted), against t (log scale) at the start, middle and end of
+    training (grad_flow.py; older records have only the solid line)."""
     picked = {"start": records[0], "middle": records[len(records) // 2], "end": records[-1]}
-    for name, record in picked.items():
+    for (name, record), color in zip(picked.items(), ("tab:blue", "tab:orange", "tab:green")):
         values = record["dL_dh"]
-        axis.plot(range(1, len(values) + 1), values, marker=".", label=f"{name} (step {record['step']})")
-    axis.set(title="gradient through time", xlabel="word position t", ylabel="|dL/dh_t|", yscale="log")
+        axis.plot(range(1, len(values) + 1), values, marker=".", color=color, label=f"{name} (step {record['step']})")
+        for key, style in (("dlT_dh", "--"), ("dlT_dc", ":")):
+            if key in record:
+                values = record[key][:-1] if key == "dlT_dc" else record[key]  # c_T's is 0: the loss reads h_T
+                axis.plot(range(1, len(values) + 1), values, linestyle=style, color=color)
+    axis.set(title="through time (dashed: last word's loss at h_t; dotted: at the LSTM's c_t)",
+             xlabel="word position t", ylabel="|dL/dh_t|, |dl_T/dh_t|, |dl_T/dc_t|", yscale="log")
     axis.legend()
 
 
