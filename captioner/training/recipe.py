@@ -67,7 +67,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.05
     clip_norm: float = 5.0  # the global gradient norm is clipped to this; 0: no clipping
     # every this many steps, record |dL/dh_t| through time on the batch (training/grad_flow.py; 0: never)
-    grad_flow_every: int = 250
+    grad_flow_every: int = 500
     label_smoothing: float = 0.0
     ema_decay: float = 0.0  # > 0: validate and keep an exponential moving average of the weights (e.g. 0.999)
     scheduled_sampling: float = 0.0  # probability of feeding the model's own prediction instead of the truth
