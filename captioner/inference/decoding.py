@@ -163,6 +163,23 @@ def length_penalty(length: int, alpha: float) -> float:
     return ((5.0 + length) / 6.0) ** alpha
 
 
+def _extend(tokens: torch.Tensor, token_lps: torch.Tensor, ended: torch.Tensor, state, logp: torch.Tensor,
+            flat: torch.Tensor, vocab: int):
+    """One step of a beam search: beam j of each image continues beam flat[:, j] // vocab with the word
+    flat[:, j] % vocab (`logp`: every beam's next-word log-probabilities, in beam order); the word
+    histories, their log-probabilities, the ended flags and the recurrent state follow the beam each
+    continues. -> (tokens, token_lps, ended flattened per image, state, the words just written)."""
+    b, width = flat.shape
+    source, new_tokens = flat // vocab, flat % vocab
+    history = source[..., None].expand(-1, -1, tokens.size(2))
+    tokens = torch.cat([tokens.gather(1, history), new_tokens[..., None]], dim=2)
+    token_lps = torch.cat([token_lps.gather(1, history), logp.reshape(b, -1).gather(1, flat)[..., None]], dim=2)
+    ended = ended.reshape(b, -1).gather(1, source) | (new_tokens == END)
+    flat_source = (source + torch.arange(b, device=flat.device)[:, None] * width).view(-1)
+    state = map_state(lambda s: s.index_select(1, flat_source), state)
+    return tokens, token_lps, ended, state, new_tokens.view(-1)
+
+
 @torch.inference_mode()
 def beam_search(decoder: CaptionDecoder, features: torch.Tensor, beam_size: int = 3, length_penalty_alpha: float = 0.0,
                 max_length: int = 20, no_repeat_ngram_size: int = 0, evidence: dict | None = None) -> list[list[Caption]]:
@@ -187,14 +204,7 @@ def beam_search(decoder: CaptionDecoder, features: torch.Tensor, beam_size: int 
         logp = torch.where(ended.view(-1, 1), frozen_row, logp)
         candidates = (scores.view(-1, 1) + logp).view(b, k * vocab)
         scores, flat = candidates.topk(k, dim=-1)
-        source, new_tokens = flat // vocab, flat % vocab
-        picked_lp = logp.view(b, k, vocab).gather(1, source[..., None].expand(-1, -1, vocab)).gather(2, new_tokens[..., None])[..., 0]
-        tokens = torch.cat([tokens.gather(1, source[..., None].expand(-1, -1, t)), new_tokens[..., None]], dim=2)
-        token_lps = torch.cat([token_lps.gather(1, source[..., None].expand(-1, -1, t)), picked_lp[..., None]], dim=2)
-        ended = ended.gather(1, source) | (new_tokens == END)
-        flat_source = (source + torch.arange(b, device=device)[:, None] * k).view(-1)
-        state = map_state(lambda s: s.index_select(1, flat_source), state)
-        last = new_tokens.view(-1)
+        tokens, token_lps, ended, state, last = _extend(tokens, token_lps, ended, state, logp, flat, vocab)
         if bool(ended.all()):
             break
     results = []
@@ -277,15 +287,8 @@ def constrained_beam_search(decoder: CaptionDecoder, features: torch.Tensor, con
         picked = [total.masked_fill(reached != s, float("-inf")).view(b, -1).topk(k, dim=-1) for s in range(sets)]
         scores = torch.stack([p.values for p in picked], dim=1)
         flat = torch.stack([p.indices for p in picked], dim=1).view(b, sets * k)
-        source, new_tokens = flat // vocab, flat % vocab
-        picked_lp = logp.view(b, -1).gather(1, flat)
-        history = source[..., None].expand(-1, -1, t)
-        tokens = torch.cat([tokens.gather(1, history), new_tokens[..., None]], dim=2)
-        token_lps = torch.cat([token_lps.gather(1, history), picked_lp[..., None]], dim=2)
-        ended = (ended.view(b, -1).gather(1, source) | (new_tokens == END)).view(b, sets, k)
-        flat_source = (source + rows[:, None] * sets * k).view(-1)
-        state = map_state(lambda s: s.index_select(1, flat_source), state)
-        last = new_tokens.view(-1)
+        tokens, token_lps, ended, state, last = _extend(tokens, token_lps, ended, state, logp, flat, vocab)
+        ended = ended.view(b, sets, k)
         # Done when each image's full set has ended and no running beam scores above its worst:
         # scores only fall, so no beam still running can overtake them.
         full_index = torch.tensor(full, device=device)
