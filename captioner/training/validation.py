@@ -121,8 +121,8 @@ def plot_grad_flow(axis, records: list[dict]) -> None:
         axis.plot(range(1, len(values) + 1), values, marker=".", color=color, label=f"{name} (step {record['step']})")
         for key, style in (("dlT_dh", "--"), ("dlT_dc", ":")):
             if key in record:
-                values = record[key][:-1] if key == "dlT_dc" else record[key]  # c_T's is 0: the loss reads h_T
-                axis.plot(range(1, len(values) + 1), values, linestyle=style, color=color)
+                last_word = record[key][:-1] if key == "dlT_dc" else record[key]  # c_T's is 0: the loss reads h_T
+                axis.plot(range(1, len(last_word) + 1), last_word, linestyle=style, color=color)
     axis.set(title="through time (dashed: last word's loss at h_t; dotted: at the LSTM's c_t)",
              xlabel="word position t", ylabel="|dL/dh_t|, |dl_T/dh_t|, |dl_T/dc_t|", yscale="log")
     axis.legend()
