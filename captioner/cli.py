@@ -225,11 +225,16 @@ def cmd_export(args) -> int:
     if args.members:
         captioner.decoder = keep_members(captioner.decoder, args.members)
         training["members_kept"] = args.members
-    if args.calibrate:
-        if not args.objects:
-            raise UsageError("--calibrate needs --objects (the CHAIR table)")
-        from .data.datasets import load_dataset
+    if args.calibrate and not args.objects:
+        raise UsageError("--calibrate needs --objects (the CHAIR table)")
+    if args.objects:
         from .evaluation.hallucination import ObjectTable
+        from .grounding.detectors import named_once
+
+        table = ObjectTable.load(args.objects)
+        captioner.decoder.config.named_once = named_once(captioner.vocab, table)
+    if args.calibrate:
+        from .data.datasets import load_dataset
         from .training.fit_detectors import calibrate_label_objects
 
         records = [r for path in args.calibrate for r in load_dataset(path).split("val")]
@@ -237,8 +242,7 @@ def cmd_export(args) -> int:
         records = [records[i] for i in good]
         label_probs = captioner.encoder.label_probs(captioner._pooled(features))
         captioner.decoder.config.label_objects = calibrate_label_objects(
-            captioner.decoder, captioner.vocab, features, label_probs, [r.captions for r in records],
-            ObjectTable.load(args.objects))
+            captioner.decoder, captioner.vocab, features, label_probs, [r.captions for r in records], table)
         training["label_objects_from"] = {Path(p).name: "val" for p in args.calibrate}
     for setting in DECODING_DEFAULTS:
         if getattr(args, setting) is not None:  # the decoding default the exported model carries
@@ -398,7 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibrate", action="append", default=None, metavar="DATASET",
                    help="fit which objects the encoder's classifier vouches for, and how surely, on this dataset's "
                         "dev split (repeatable), for --include-threshold; needs --objects")
-    p.add_argument("--objects", default=None, help="with --calibrate: the CHAIR table (synonyms.txt)")
+    p.add_argument("--objects", default=None,
+                   help="the CHAIR table (synonyms.txt): the objects --calibrate fits and a caption names once")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("explain", help="per-word heat maps and word probabilities of one image's caption")

@@ -14,7 +14,7 @@ import torch
 from .data.images import MAX_IMAGE_PIXELS, ImageError, ImageInput, ImageTransform, describe
 from .data.loading import image_batches
 from .data.vocab import Vocabulary
-from .grounding.evidence import GROUNDING, required_objects
+from .grounding.evidence import GROUNDING, object_word_groups, required_objects
 from .grounding.labels import Label, imagenet_classes, top_labels
 from .grounding.naming import name_animal, recognised_animals
 from .inference import decoding
@@ -148,14 +148,16 @@ class Captioner:
                evidence_threshold: float | None = None, person_weight: float | None = None,
                person_threshold: float | None = None, object_weight: float | None = None,
                object_threshold: float | None = None, include_threshold: float | None = None, max_constraints: int | None = None,
-               name_animals: bool | None = None) -> list[list[GeneratedCaption]]:
+               name_animals: bool | None = None, name_once: bool | None = None) -> list[list[GeneratedCaption]]:
         """`grounding`: "off" decodes the words as the decoder ranks them; "avoid" lowers the words
-        the image does not support and names the animal the encoder's classifier is sure of; "full"
+        the image does not support, names an object once (the checkpoint's `named_once`) and names
+        the animal the encoder's classifier is sure of; "full"
         also requires, in beam search, the objects the classifier surely sees (greedy and sampling
         read it as "avoid"). The expert settings (grounding/evidence.py; None: the checkpoint's own)
         tune them: `evidence_weight`/`evidence_threshold` the concept penalty, `person_weight`/
         `person_threshold` the person detector's, `object_weight`/`object_threshold` the object detectors',
-        `include_threshold`/`max_constraints` what is required, `name_animals` the renaming."""
+        `include_threshold`/`max_constraints` what is required, `name_animals` the renaming,
+        `name_once` naming an object once."""
         if grounding not in GROUNDING:
             raise ValueError(f"grounding must be one of {', '.join(GROUNDING)}, not {grounding!r}")
         c = self.decoder.config
@@ -175,21 +177,29 @@ class Captioner:
         if method == "beam" and grounding == "full" and probs is not None:
             required = required_objects(c, probs, c.include_threshold if include_threshold is None else include_threshold,
                                         c.max_constraints if max_constraints is None else max_constraints)
+        if name_once is None:
+            name_once = grounding != "off"
+        named_once = object_word_groups(self.vocab, c.named_once) if name_once else None
+        if named_once is not None:
+            named_once = named_once.to(features.device)
         if method == "greedy":
-            raw = decoding.greedy(self.decoder, features, max_length=max_length, evidence=evidence)
+            raw = decoding.greedy(self.decoder, features, max_length=max_length, evidence=evidence,
+                                  named_once=named_once)
         elif method == "beam" and any(required):
             constraints = [[[[self.vocab.stoi[w] for w in phrase.split()] for phrase in c.label_objects[obj]["words"]]
                             for obj in objects] for objects in required]
             raw = decoding.constrained_beam_search(self.decoder, features, constraints, beam_size=beam_size,
                                                    length_penalty_alpha=length_penalty, max_length=max_length,
-                                                   no_repeat_ngram_size=no_repeat_ngram_size, evidence=evidence)
+                                                   no_repeat_ngram_size=no_repeat_ngram_size, evidence=evidence,
+                                                   named_once=named_once)
         elif method == "beam":
             raw = decoding.beam_search(self.decoder, features, beam_size=beam_size, length_penalty_alpha=length_penalty,
                                        max_length=max_length, no_repeat_ngram_size=no_repeat_ngram_size,
-                                       evidence=evidence)
+                                       evidence=evidence, named_once=named_once)
         elif method == "sample":
             raw = decoding.sample(self.decoder, features, seeds=list(seeds), temperature=temperature, top_k=top_k,
-                                  top_p=top_p, num_samples=num_samples, max_length=max_length, evidence=evidence)
+                                  top_p=top_p, num_samples=num_samples, max_length=max_length, evidence=evidence,
+                                  named_once=named_once)
         else:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
         animals = [None] * len(raw)

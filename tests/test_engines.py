@@ -3,6 +3,7 @@ encoder's backends (ONNX Runtime, OpenVINO), the ONNX export, and the decoder's 
 
 import copy
 import json
+import shutil
 import subprocess
 import sys
 
@@ -178,6 +179,17 @@ def check_onnx_export(checkpoint, out, images, shares_weights: bool):
 def test_onnx_export_round_trips_on_generated_scenes(tiny_checkpoint, scene_paths, tmp_path):
     # no image evidence: the start runs no LSTM step, so the graphs share no weights
     check_onnx_export(tiny_checkpoint, tmp_path / "onnx", scene_paths, shares_weights=False)
+
+
+@pytest.mark.skipif(not installed("onnxruntime"), reason="onnxruntime is an optional extra, not installed")
+def test_onnx_captions_name_an_object_once_as_pytorch_does(tiny_checkpoint, scene_paths, tmp_path):
+    shutil.copytree(tiny_checkpoint, tmp_path / "once")
+    config = json.loads((tmp_path / "once" / "config.json").read_text())
+    config["decoder"]["named_once"] = [["circle", "background"]]  # "a red circle on a white background"
+    (tmp_path / "once" / "config.json").write_text(json.dumps(config))
+    check_onnx_export(tmp_path / "once", tmp_path / "onnx", scene_paths, shares_weights=False)
+    exact = Captioner.from_pretrained(tmp_path / "onnx", device="cpu", backend="torch")
+    assert exact.caption(scene_paths[:1]) != exact.caption(scene_paths[:1], grounding="off")
 
 
 @needs_flickr8k

@@ -12,9 +12,9 @@ from captioner import Captioner
 from captioner.cli import main as cli
 from captioner.data.vocab import Vocabulary
 from captioner.evaluation.hallucination import ObjectTable
-from captioner.grounding.detectors import calibrate, label_objects
-from captioner.grounding.evidence import object_presence, required_objects
-from captioner.inference.decoding import beam_search, constrained_beam_search
+from captioner.grounding.detectors import calibrate, label_objects, named_once
+from captioner.grounding.evidence import object_presence, object_word_groups, repeat_mask, required_objects
+from captioner.inference.decoding import beam_search, constrained_beam_search, greedy, sample
 
 from test_app import start_app, stop_app
 from test_server import start_server, stop_server
@@ -84,6 +84,73 @@ def test_a_constraint_that_cannot_be_met_in_time_falls_back_to_what_was_met(tiny
     assert beams and all(len(b.tokens) <= 2 for b in beams)
     with pytest.raises(ValueError, match="one list of constraints per image"):
         constrained_beam_search(decoder, scene_features[:2], [[]], beam_size=2)
+
+
+def test_an_object_is_named_once_and_no_word_follows_itself():
+    vocab = Vocabulary.build(["a laptop computer and a bed", "beds and laptops"], min_count=1)
+    groups = object_word_groups(vocab, [["bed", "beds"], ["laptop", "laptops", "computer"]])
+
+    def banned(*words):
+        return {vocab.itos[i] for i in repeat_mask(groups, torch.tensor([vocab.encode(" ".join(words))[1:-1]]))[0].nonzero()[:, 0].tolist()}
+
+    assert banned("a") == {"a"}
+    assert banned("a", "bed") == {"bed"}  # the next word may go on naming it: "a laptop computer"
+    assert banned("a", "laptop", "computer") == {"laptop", "laptops", "computer"}
+    assert banned("a", "bed", "and", "a") == {"a", "bed", "beds"}
+    assert object_word_groups(vocab, []) is None
+
+
+def test_the_objects_named_once_are_things(tmp_path):
+    (tmp_path / "objects.txt").write_text("dog, puppy\nbed\nperson, man, men\nlaptop, computer\nsink\n")
+    vocab = Vocabulary.build(["a dog and two puppies", "a man on a bed by beds", "a laptop computer"], min_count=1)
+    # people and animals are often two in a photo; a decoder naming a bed twice is looping
+    groups = named_once(vocab, ObjectTable.load(tmp_path / "objects.txt"))
+    assert [sorted(words) for words in groups] == [["bed", "beds"], ["computer", "laptop"]]
+
+
+def test_every_decoding_method_names_an_object_once(tiny_captioner, decoder, scene_features):
+    vocab = tiny_captioner.vocab
+    # "circle" and "background" made one object: "a red circle on a white background" names it twice
+    groups = object_word_groups(vocab, [["circle", "background"], ["square"]])
+    [plain] = greedy(decoder, scene_features[:1])
+    assert {"circle", "background"} <= set(text(vocab, plain[0]).split())
+
+    def names_once(caption):
+        words = text(vocab, caption).split()
+        named = [i for i, w in enumerate(words) if w in ("circle", "background")]
+        return all(b == a + 1 for a, b in zip(named, named[1:])) and all(x != y for x, y in zip(words, words[1:]))
+
+    runs = [greedy(decoder, scene_features, named_once=groups),
+            sample(decoder, scene_features, seeds=[0, 1, 2, 3], num_samples=3, named_once=groups),
+            beam_search(decoder, scene_features, beam_size=3, named_once=groups),
+            constrained_beam_search(decoder, scene_features, [[ids(vocab, "square")]] * 4, beam_size=3,
+                                    named_once=groups)]
+    for captions in runs:
+        assert all(names_once(c) for per_image in captions for c in per_image)
+    assert runs[0][0][0].tokens != plain[0].tokens
+    [alone] = beam_search(decoder, scene_features[:1], beam_size=3, named_once=groups)
+    assert [b.tokens for b in alone] == [b.tokens for b in runs[2][0]]
+
+
+def test_the_switch_turns_naming_once_off(tiny_checkpoint, scene_paths, tmp_path):
+    import shutil
+
+    folder = tmp_path / "once"
+    shutil.copytree(tiny_checkpoint, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["decoder"]["named_once"] = [["circle", "background"]]
+    (folder / "config.json").write_text(json.dumps(config))
+    captioner = Captioner.from_pretrained(folder, device="cpu")
+    off = captioner.generate(scene_paths[0], "greedy", grounding="off")[0].captions[0].words
+    avoid = captioner.generate(scene_paths[0], "greedy", grounding="avoid")[0].captions[0].words
+    assert {"circle", "background"} <= set(off) and not {"circle", "background"} <= set(avoid)
+    features = captioner.encode(captioner.transform.load(scene_paths[0])[None])
+    assert captioner.decode(features, "greedy", grounding="avoid", name_once=False)[0][0].words == off
+    assert captioner.decode(features, "greedy", grounding="off", name_once=True)[0][0].words == avoid
+    config["decoder"]["named_once"] = [[]]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="named_once"):
+        Captioner.from_pretrained(folder, device="cpu")
 
 
 def test_calibration_recovers_known_slopes_and_intercepts():

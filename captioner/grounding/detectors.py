@@ -141,6 +141,18 @@ def label_objects(vocab: Vocabulary, table: ObjectTable) -> dict[str, dict]:
     return {obj: entry for obj, entry in sorted(objects.items()) if entry["words"]}
 
 
+def named_once(vocab: Vocabulary, table: ObjectTable) -> list[list[str]]:
+    """The vocabulary's one-word names of each object of `table` that is neither a person nor an
+    animal, grouped by object: what grounding lets a caption name once (evidence.repeat_mask)."""
+    animals = {obj for word, obj in table.words.items() if word in animal_names()[0]}
+    groups: dict[str, list[str]] = {}
+    for word in vocab.itos:
+        obj = table.words.get(singular(word))
+        if obj is not None and obj != PERSON and obj not in animals:
+            groups.setdefault(obj, []).append(word)
+    return [words for _, words in sorted(groups.items())]
+
+
 def object_classes(objects: dict[str, dict], num_classes: int) -> torch.Tensor:
     """num_classes x O, for `label_objects`' objects in order: 1 where a class is one of the object's,
     so that class probabilities times it sum each object's."""

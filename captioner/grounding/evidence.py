@@ -14,6 +14,11 @@ sources, each with its own weight (0: off):
   stands down where the encoder's classifier is sure some animal is there: a decoder that never read
   "cheetah" calls one "a dog", and which animal it is, the classifier says (naming.py).
 
+Named once (every decoding method): no word follows itself ("a cell cell cell"), and an object that
+is neither a person nor an animal is not named again once named, except by the very next word ("a
+laptop computer"). A decoder writing "a bed on a bed next to a bed" is looping, not counting; two
+people or two dogs are often there, and "a dog plays with a brown dog" is how it says so.
+
 Brought in (beam search): the objects the encoder's ImageNet classifier vouches for, its classes'
 probabilities summed per object and calibrated (P(a reference names it), detectors.calibrate) on
 the dev photos whose caption leaves the object out (training/fit_detectors.py), are required in
@@ -78,6 +83,27 @@ def detector_penalty(probs: torch.Tensor, threshold: float, weight: float, words
     """B x K detector probabilities, K x V word masks -> B x V: `weight * log(p / threshold)` on the
     words of each detector whose p is below the threshold."""
     return weight * torch.log(probs.clamp_min(1e-6) / threshold).clamp(max=0) @ words.float()
+
+
+def object_word_groups(vocab, named_once: list[list[str]]) -> torch.Tensor | None:
+    """The config's `named_once` -> V longs: each word's object (its index in `named_once`), or
+    len(named_once) for a word of none; None where `named_once` is empty."""
+    if not named_once:
+        return None
+    groups = torch.full((len(vocab),), len(named_once), dtype=torch.long)
+    for index, words in enumerate(named_once):
+        groups[[vocab.stoi[w] for w in words if w in vocab.stoi]] = index
+    return groups
+
+
+def repeat_mask(word_groups: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+    """V word groups (object_word_groups), N x T words written (T >= 1) -> N x V: the words each
+    row may not write next: its last word, and every word of an object it named before that."""
+    spare = int(word_groups.max())  # the group of the words that name no object, never banned
+    named = torch.zeros(history.size(0), spare + 1, dtype=torch.bool, device=history.device)
+    named.scatter_(1, word_groups[history[:, :-1]], True)
+    named[:, spare] = False
+    return named.gather(1, word_groups.expand(history.size(0), -1)).scatter_(1, history[:, -1:], True)
 
 
 def object_presence(config, label_probs: torch.Tensor) -> tuple[list[str], torch.Tensor]:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.vocab import END, NEVER_GENERATED, PAD, START
+from ..grounding.evidence import repeat_mask
 from ..model.decoder import CaptionDecoder
 
 BANNED = NEVER_GENERATED
@@ -70,7 +71,8 @@ def _collect(tokens: torch.Tensor, logps: torch.Tensor) -> list[Caption]:
     return out
 
 
-def _run(decoder: CaptionDecoder, features: torch.Tensor, max_length: int, choose, evidence: dict | None) -> list[Caption]:
+def _run(decoder: CaptionDecoder, features: torch.Tensor, max_length: int, choose, evidence: dict | None,
+         named_once: torch.Tensor | None) -> list[Caption]:
     """Shared loop of greedy and sampling: `choose(logp, step, rows)` picks one token for each of
     `rows`, the sequences still running. A sequence leaves the batch once it has ended, so every
     step costs only what is still being written."""
@@ -82,6 +84,8 @@ def _run(decoder: CaptionDecoder, features: torch.Tensor, max_length: int, choos
     chosen_lp = torch.zeros(n, max_length, device=device)
     for t in range(max_length):
         logp, state = _log_probs(decoder, tokens, state, t)
+        if named_once is not None and t:
+            logp = logp.masked_fill(repeat_mask(named_once, chosen[rows, :t]), float("-inf"))
         tokens = choose(logp, t, rows)
         chosen[rows, t] = tokens
         chosen_lp[rows, t] = logp.gather(1, tokens[:, None])[:, 0]
@@ -97,10 +101,12 @@ def _run(decoder: CaptionDecoder, features: torch.Tensor, max_length: int, choos
 
 @torch.inference_mode()
 def greedy(decoder: CaptionDecoder, features: torch.Tensor, max_length: int = 20,
-           evidence: dict | None = None) -> list[list[Caption]]:
-    """`evidence`, for this and the other methods: evidence_weight / evidence_threshold overriding
-    the decoder's own (model/decoder.py)."""
-    return [[c] for c in _run(decoder, features, max_length, lambda logp, t, rows: logp.argmax(-1), evidence)]
+           evidence: dict | None = None, named_once: torch.Tensor | None = None) -> list[list[Caption]]:
+    """For this and the other methods: `evidence`, the penalties' settings overriding the decoder's
+    own (model/decoder.py); `named_once`, each word's object for the objects a caption names once
+    (grounding/evidence.py: object_word_groups, repeat_mask; None: no such rule)."""
+    return [[c] for c in _run(decoder, features, max_length, lambda logp, t, rows: logp.argmax(-1), evidence,
+                              named_once)]
 
 
 def _filter_logits(logp: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -120,7 +126,7 @@ def _filter_logits(logp: torch.Tensor, temperature: float, top_k: int, top_p: fl
 @torch.inference_mode()
 def sample(decoder: CaptionDecoder, features: torch.Tensor, *, seeds: list[int], temperature: float = 1.0,
            top_k: int = 0, top_p: float = 1.0, num_samples: int = 1, max_length: int = 20,
-           evidence: dict | None = None) -> list[list[Caption]]:
+           evidence: dict | None = None, named_once: torch.Tensor | None = None) -> list[list[Caption]]:
     """Samples `num_samples` captions per image. Image i draws its randomness from its own generator
     seeded with `seeds[i]`, so a caption does not depend on which batch its image landed in."""
     if len(seeds) != features.size(0):
@@ -140,7 +146,7 @@ def sample(decoder: CaptionDecoder, features: torch.Tensor, *, seeds: list[int],
         picked = torch.searchsorted(cdf, (uniforms[rows, t] * cdf[:, -1])[:, None])[:, 0]
         return picked.clamp_(max=probs.size(-1) - 1)
 
-    flat = _run(decoder, expanded, max_length, choose, evidence)
+    flat = _run(decoder, expanded, max_length, choose, evidence, named_once)
     return [flat[i * num_samples:(i + 1) * num_samples] for i in range(features.size(0))]
 
 
@@ -156,6 +162,19 @@ def _banned_ngram_mask(history: torch.Tensor, n: int, vocab_size: int) -> torch.
         hits = (windows == prefix[:, None]).all(-1)
         mask.scatter_(1, torch.where(hits, history[:, n - 1:], vocab_size), True)
     return mask[:, :vocab_size]
+
+
+def _without_repeats(logp: torch.Tensor, history: torch.Tensor, no_repeat_ngram_size: int,
+                     named_once: torch.Tensor | None) -> torch.Tensor:
+    """A beam search's next-word log-probabilities (N x V) with what would repeat `history` (N x T)
+    banned: an n-gram, and what repeat_mask bans."""
+    if not history.size(1):
+        return logp
+    if no_repeat_ngram_size:
+        logp = logp.masked_fill(_banned_ngram_mask(history, no_repeat_ngram_size, logp.size(1)), float("-inf"))
+    if named_once is not None:
+        logp = logp.masked_fill(repeat_mask(named_once, history), float("-inf"))
+    return logp
 
 
 def length_penalty(length: int, alpha: float) -> float:
@@ -182,7 +201,8 @@ def _extend(tokens: torch.Tensor, token_lps: torch.Tensor, ended: torch.Tensor, 
 
 @torch.inference_mode()
 def beam_search(decoder: CaptionDecoder, features: torch.Tensor, beam_size: int = 3, length_penalty_alpha: float = 0.0,
-                max_length: int = 20, no_repeat_ngram_size: int = 0, evidence: dict | None = None) -> list[list[Caption]]:
+                max_length: int = 20, no_repeat_ngram_size: int = 0, evidence: dict | None = None,
+                named_once: torch.Tensor | None = None) -> list[list[Caption]]:
     """Beams flattened to (B*K); ended beams stay in the beam with a frozen score until all K of an
     image have ended. Beams are ranked by log-probability / length_penalty at the end. With
     beam_size=1 this is exactly greedy decoding."""
@@ -199,8 +219,7 @@ def beam_search(decoder: CaptionDecoder, features: torch.Tensor, beam_size: int 
     frozen_row[PAD] = 0.0  # an ended beam only continues with padding, at no cost
     for t in range(max_length):
         logp, state = _log_probs(decoder, last, state, t)
-        if no_repeat_ngram_size and t:
-            logp = logp.masked_fill(_banned_ngram_mask(tokens.view(b * k, t), no_repeat_ngram_size, vocab), float("-inf"))
+        logp = _without_repeats(logp, tokens.view(b * k, t), no_repeat_ngram_size, named_once)
         logp = torch.where(ended.view(-1, 1), frozen_row, logp)
         candidates = (scores.view(-1, 1) + logp).view(b, k * vocab)
         scores, flat = candidates.topk(k, dim=-1)
@@ -222,7 +241,8 @@ def beam_search(decoder: CaptionDecoder, features: torch.Tensor, beam_size: int 
 @torch.inference_mode()
 def constrained_beam_search(decoder: CaptionDecoder, features: torch.Tensor, constraints: list[list[list[list[int]]]],
                             beam_size: int = 3, length_penalty_alpha: float = 0.0, max_length: int = 20,
-                            no_repeat_ngram_size: int = 0, evidence: dict | None = None) -> list[list[Caption]]:
+                            no_repeat_ngram_size: int = 0, evidence: dict | None = None,
+                            named_once: torch.Tensor | None = None) -> list[list[Caption]]:
     """Beam search that must write what `constraints` name (Anderson et al., EMNLP 2017): per image a
     few constraints, each a list of token sequences of one or two words, any of which meets it ("dog",
     "puppies", "hot dog"...). Each constraint is a small automaton (not met; the first word of one of
@@ -269,8 +289,7 @@ def constrained_beam_search(decoder: CaptionDecoder, features: torch.Tensor, con
     rows = torch.arange(b, device=device)
     for t in range(max_length):
         logp, state = _log_probs(decoder, last, state, t)
-        if no_repeat_ngram_size and t:
-            logp = logp.masked_fill(_banned_ngram_mask(tokens.view(-1, t), no_repeat_ngram_size, vocab), float("-inf"))
+        logp = _without_repeats(logp, tokens.view(b * sets * k, t), no_repeat_ngram_size, named_once)
         logp = torch.where(ended.view(-1, 1), frozen_row, logp).view(b, sets, k, vocab)
         reached = torch.zeros(b, sets, k, vocab, dtype=torch.long, device=device)
         previous = last.view(b, sets, k)

@@ -1,7 +1,7 @@
 """Captioning from an ONNX export (`captioner export CHECKPOINT DIR --onnx`) with ONNX Runtime and
 numpy only: what a deployment without PyTorch's model code runs. Greedy decoding, step for step as
-`Captioner.decode` does it (decoding.py): the same banned tokens, no empty caption, the same
-sentence guard."""
+`Captioner.decode` does it (decoding.py): the same banned tokens, no empty caption, each object
+named once as grounding/evidence.py's repeat_mask says (here in numpy), the same sentence guard."""
 
 from __future__ import annotations
 
@@ -32,6 +32,10 @@ class OnnxCaptioner:
         config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
         self.transform = ImageTransform.from_dict(config["transform"])
         self.vocab = Vocabulary.load(directory / "vocab.json")
+        self.object_of = {self.vocab.stoi[w]: index for index, words in enumerate(config["decoder"].get("named_once", []))
+                          for w in words if w in self.vocab.stoi}
+        self.object_words = {index: [w for w, i in self.object_of.items() if i == index]
+                             for index in set(self.object_of.values())}
         options = onnxruntime.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
@@ -49,14 +53,20 @@ class OnnxCaptioner:
         rows = np.arange(len(features))
         tokens = np.full(len(features), START, dtype=np.int64)
         words: list[list[int]] = [[] for _ in rows]
+        named: list[set[int]] = [set() for _ in rows]  # the objects each caption named before its last word
         for t in range(max_length):
             logits, h, c = self.sessions["step"].run(None, {"tokens": tokens, "h_in": h, "c_in": c, "bias": bias})
             logits[:, list(NEVER_GENERATED)] = -np.inf
             if t == 0:
                 logits[:, END] = -np.inf
+            elif self.object_of:
+                for i, row in enumerate(rows):
+                    logits[i, [words[row][-1], *(w for obj in named[row] for w in self.object_words[obj])]] = -np.inf
             tokens = logits.argmax(1)
             running = tokens != END
             for row, token in zip(rows[running], tokens[running]):
+                if words[row] and words[row][-1] in self.object_of:
+                    named[row].add(self.object_of[words[row][-1]])
                 words[row].append(int(token))
             if not running.any():
                 break

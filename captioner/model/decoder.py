@@ -79,6 +79,8 @@ class DecoderConfig:
     label_objects: dict = field(default_factory=dict)
     include_threshold: float = 0.0
     max_constraints: int = 2
+    # The words of each object a caption names once (grounding/evidence.py, repeat_mask).
+    named_once: list = field(default_factory=list)
 
     def __post_init__(self):
         if self.cell not in CELLS:
@@ -109,6 +111,9 @@ class DecoderConfig:
                     and entry["words"] and all(1 <= len(str(w).split()) <= 2 for w in entry["words"])):
                 raise ValueError(f"label_objects[{name!r}]: expected classes, words (of one or two words each), "
                                  f"slope and intercept")
+        if not all(isinstance(group, list) and group and all(isinstance(w, str) for w in group)
+                   for group in self.named_once):
+            raise ValueError("named_once: expected a list of each object's words")
         self.object_detectors = tuple(self.object_detectors)  # a list when read from JSON
 
     @property
