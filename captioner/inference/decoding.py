@@ -84,8 +84,7 @@ def _run(decoder: CaptionDecoder, features: torch.Tensor, max_length: int, choos
     chosen_lp = torch.zeros(n, max_length, device=device)
     for t in range(max_length):
         logp, state = _log_probs(decoder, tokens, state, t)
-        if named_once is not None and t:
-            logp = logp.masked_fill(repeat_mask(named_once, chosen[rows, :t]), float("-inf"))
+        logp = _without_repeats(logp, chosen[rows, :t], 0, named_once)
         tokens = choose(logp, t, rows)
         chosen[rows, t] = tokens
         chosen_lp[rows, t] = logp.gather(1, tokens[:, None])[:, 0]
@@ -166,8 +165,8 @@ def _banned_ngram_mask(history: torch.Tensor, n: int, vocab_size: int) -> torch.
 
 def _without_repeats(logp: torch.Tensor, history: torch.Tensor, no_repeat_ngram_size: int,
                      named_once: torch.Tensor | None) -> torch.Tensor:
-    """A beam search's next-word log-probabilities (N x V) with what would repeat `history` (N x T)
-    banned: an n-gram, and what repeat_mask bans."""
+    """Next-word log-probabilities (N x V) with what would repeat `history` (N x T) banned: an
+    n-gram (`no_repeat_ngram_size`, beam search's), and what repeat_mask bans."""
     if not history.size(1):
         return logp
     if no_repeat_ngram_size:
