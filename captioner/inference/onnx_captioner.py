@@ -32,10 +32,9 @@ class OnnxCaptioner:
         config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
         self.transform = ImageTransform.from_dict(config["transform"])
         self.vocab = Vocabulary.load(directory / "vocab.json")
-        self.object_of = {self.vocab.stoi[w]: index for index, words in enumerate(config["decoder"].get("named_once", []))
-                          for w in words if w in self.vocab.stoi}
-        self.object_words = {index: [w for w, i in self.object_of.items() if i == index]
-                             for index in set(self.object_of.values())}
+        self.object_words = [[self.vocab.stoi[w] for w in words if w in self.vocab.stoi]
+                             for words in config["decoder"].get("named_once", [])]
+        self.object_of = {w: index for index, ids in enumerate(self.object_words) for w in ids}
         options = onnxruntime.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
