@@ -26,6 +26,8 @@ DECODING_DEFAULTS = {
     "include_threshold": "beam search with --grounding full: how probable (calibrated) an object the encoder's "
                          "classifier sees must be to be required in the caption (0: none is)",
     "max_constraints": "beam search with --grounding full: the most objects required in one caption",
+    "include_cost": "beam search with --grounding full: the most log-probability (nats) the required objects may "
+                    "cost the caption against the best one found without them",
 }
 INTEGER_SETTINGS = {"max_constraints"}
 

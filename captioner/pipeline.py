@@ -34,7 +34,7 @@ METHOD_OPTIONS = {"greedy": ("max_length",),
                   "sample": ("temperature", "top_k", "top_p", "num_samples", "max_length"),
                   "beam": ("beam_size", "length_penalty", "no_repeat_ngram_size", "max_length")}
 GROUNDING_OPTIONS = ("evidence_weight", "evidence_threshold", "person_weight", "person_threshold", "object_weight",
-                     "object_threshold", "include_threshold", "max_constraints")
+                     "object_threshold", "include_threshold", "max_constraints", "include_cost")
 
 
 @dataclass
@@ -148,7 +148,7 @@ class Captioner:
                evidence_threshold: float | None = None, person_weight: float | None = None,
                person_threshold: float | None = None, object_weight: float | None = None,
                object_threshold: float | None = None, include_threshold: float | None = None, max_constraints: int | None = None,
-               name_animals: bool | None = None, name_once: bool | None = None) -> list[list[GeneratedCaption]]:
+               include_cost: float | None = None, name_animals: bool | None = None, name_once: bool | None = None) -> list[list[GeneratedCaption]]:
         """`grounding`: "off" decodes the words as the decoder ranks them; "avoid" lowers the words
         the image does not support, names an object once (the checkpoint's `named_once`) and names
         the animal the encoder's classifier is sure of; "full"
@@ -156,8 +156,8 @@ class Captioner:
         read it as "avoid"). The expert settings (grounding/evidence.py; None: the checkpoint's own)
         tune them: `evidence_weight`/`evidence_threshold` the concept penalty, `person_weight`/
         `person_threshold` the person detector's, `object_weight`/`object_threshold` the object detectors',
-        `include_threshold`/`max_constraints` what is required, `name_animals` the renaming,
-        `name_once` naming an object once."""
+        `include_threshold`/`max_constraints` what is required and `include_cost` the most it may cost
+        a caption (nats), `name_animals` the renaming, `name_once` naming an object once."""
         if grounding not in GROUNDING:
             raise ValueError(f"grounding must be one of {', '.join(GROUNDING)}, not {grounding!r}")
         c = self.decoder.config
@@ -191,7 +191,8 @@ class Captioner:
             raw = decoding.constrained_beam_search(self.decoder, features, constraints, beam_size=beam_size,
                                                    length_penalty_alpha=length_penalty, max_length=max_length,
                                                    no_repeat_ngram_size=no_repeat_ngram_size, evidence=evidence,
-                                                   named_once=named_once)
+                                                   named_once=named_once,
+                                                   max_cost=c.include_cost if include_cost is None else include_cost)
         elif method == "beam":
             raw = decoding.beam_search(self.decoder, features, beam_size=beam_size, length_penalty_alpha=length_penalty,
                                        max_length=max_length, no_repeat_ngram_size=no_repeat_ngram_size,

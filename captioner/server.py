@@ -70,6 +70,7 @@ class CaptionOptions(BaseModel):
     object_threshold: float | None = Field(None, gt=0.0, le=1.0)
     include_threshold: float | None = Field(None, ge=0.0, le=1.0)
     max_constraints: int | None = Field(None, ge=0, le=3)
+    include_cost: float | None = Field(None, gt=0.0)
 
     def decoding(self) -> dict:
         """What `Captioner.decode` reads for this method; the settings it ignores do not split batches."""

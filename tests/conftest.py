@@ -125,11 +125,12 @@ def tiny_checkpoint(tiny_captioner, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def grounded_checkpoint(tiny_checkpoint, tmp_path_factory) -> Path:
     """The tiny model with one object its encoder's classifier vouches for in every image, named by
-    the word "square": grounding "full" must bring it into every beam-searched caption."""
+    the word "square": grounding "full" must bring it into every beam-searched caption, at whatever
+    cost to the tiny model's sure caption."""
     folder = tmp_path_factory.mktemp("grounded") / "tiny"
     shutil.copytree(tiny_checkpoint, folder)
     config = json.loads((folder / "config.json").read_text())
-    config["decoder"].update(include_threshold=0.5, label_objects={"square": {
+    config["decoder"].update(include_threshold=0.5, include_cost=1000.0, label_objects={"square": {
         "classes": list(range(1000)), "words": ["square"], "slope": 1.0, "intercept": 10.0}})
     (folder / "config.json").write_text(json.dumps(config))
     return folder

@@ -57,6 +57,19 @@ def test_any_word_of_a_constraint_satisfies_it(tiny_captioner, decoder, scene_fe
     assert {"square", "yellow"} <= set(text(vocab, both[0]).split())
 
 
+def test_a_constraint_is_met_only_within_its_cost(tiny_captioner, decoder, scene_features):
+    vocab = tiny_captioner.vocab
+    constraint = [[ids(vocab, "square")]]
+    [plain] = beam_search(decoder, scene_features[:1], beam_size=3)
+    [forced] = constrained_beam_search(decoder, scene_features[:1], constraint, beam_size=3)
+    cost = plain[0].score - forced[0].score  # what writing "square" costs the caption
+    assert cost > 1.0
+    [within] = constrained_beam_search(decoder, scene_features[:1], constraint, beam_size=3, max_cost=cost + 0.01)
+    assert within[0].tokens == forced[0].tokens
+    [beyond] = constrained_beam_search(decoder, scene_features[:1], constraint, beam_size=3, max_cost=cost - 0.01)
+    assert "square" not in text(vocab, beyond[0]).split() and beyond[0].tokens == plain[0].tokens
+
+
 def test_a_two_word_phrase_counts_only_as_a_phrase(tiny_captioner, decoder, scene_features):
     vocab = tiny_captioner.vocab
     phrase = [[vocab.stoi["blue"], vocab.stoi["square"]]]
@@ -197,6 +210,9 @@ def test_the_switch_in_python(grounded_checkpoint, scene_paths):
     assert "square" in full.words and full.required == ["square"]
     assert "square" not in off.words and off.required == [] and avoid.words == off.words
     assert captioner.generate(path, "beam", include_threshold=0.0)[0].captions[0].words == off.words
+    # the tiny model is sure of its caption: a low enough include_cost keeps "square" out
+    cheap = captioner.generate(path, "beam", include_cost=0.5)[0].captions[0]
+    assert cheap.words == off.words and cheap.required == []
     # greedy and sampling read "full" as "avoid"
     greedy = captioner.generate(path, "greedy")[0].captions[0]
     assert greedy.words == captioner.generate(path, "greedy", grounding="avoid")[0].captions[0].words
@@ -206,13 +222,15 @@ def test_the_switch_in_python(grounded_checkpoint, scene_paths):
 
 
 def test_the_switch_through_the_cli(grounded_checkpoint, scene_paths, tmp_path):
-    out = {g: tmp_path / f"{g}.jsonl" for g in ("full", "off")}
+    out = {g: tmp_path / f"{g}.jsonl" for g in ("full", "off", "cheap")}
     for grounding, path in out.items():
+        options = ["--grounding", "full", "--include-cost", "0.5"] if grounding == "cheap" else ["--grounding", grounding]
         assert cli(["caption", str(scene_paths[0]), "--checkpoint", str(grounded_checkpoint), "--method", "beam",
-                    "--grounding", grounding, "--out", str(path)]) == 0
-    full, off = (json.loads(out[g].read_text()) for g in ("full", "off"))
+                    *options, "--out", str(path)]) == 0
+    full, off, cheap = (json.loads(out[g].read_text()) for g in ("full", "off", "cheap"))
     assert full["grounding"] == "full" and full["brought_in"] == ["square"] and "square" in full["caption"]
     assert off["grounding"] == "off" and "brought_in" not in off and "square" not in off["caption"]
+    assert "brought_in" not in cheap and cheap["caption"] == off["caption"]
     with pytest.raises(SystemExit):
         cli(["caption", str(scene_paths[0]), "--checkpoint", str(grounded_checkpoint), "--grounding", "on"])
 
@@ -232,6 +250,9 @@ def test_the_switch_through_the_json_api(grounded_checkpoint, scene_paths):
         with open(scene_paths[0], "rb") as f:
             bad = httpx.post(f"{url}/v1/captions", files={"images": f}, data={"grounding": "on"}, timeout=60)
         assert bad.status_code == 422 and "grounding" in bad.text
+        with open(scene_paths[0], "rb") as f:
+            bad = httpx.post(f"{url}/v1/captions", files={"images": f}, data={"include_cost": "0"}, timeout=60)
+        assert bad.status_code == 422 and "include_cost" in bad.text
     finally:
         stop_server(proc)
 
@@ -261,4 +282,9 @@ def test_a_malformed_calibration_in_a_config_is_named(grounded_checkpoint, tmp_p
     del config["decoder"]["label_objects"]["square"]["slope"]
     (broken / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"label_objects\['square'\]"):
+        Captioner.from_pretrained(broken, device="cpu")
+    config = json.loads((grounded_checkpoint / "config.json").read_text())
+    config["decoder"]["include_cost"] = 0
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="include_cost must be positive"):
         Captioner.from_pretrained(broken, device="cpu")

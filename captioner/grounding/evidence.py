@@ -24,7 +24,9 @@ probabilities summed per object and calibrated (P(a reference names it), detecto
 the dev photos whose caption leaves the object out (training/fit_detectors.py), are required in
 the caption where that probability reaches `include_threshold`, the most probable
 `max_constraints` of them; constrained beam search (inference/decoding.py) writes them where the
-decoder finds them fluent, by any of their words.
+decoder finds them fluent, by any of their words, unless that costs the caption more than
+`include_cost` nats against the best caption found without them: a word forced in at any price
+lands badly ("a tennis player hitting a racket").
 
 The detectors' weights are the decoder's buffers (model/decoder.py), fitted after training
 (detectors.py); the classifier's calibration is in the decoder's config (`label_objects`).

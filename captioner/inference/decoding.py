@@ -241,14 +241,15 @@ def beam_search(decoder: CaptionDecoder, features: torch.Tensor, beam_size: int 
 def constrained_beam_search(decoder: CaptionDecoder, features: torch.Tensor, constraints: list[list[list[list[int]]]],
                             beam_size: int = 3, length_penalty_alpha: float = 0.0, max_length: int = 20,
                             no_repeat_ngram_size: int = 0, evidence: dict | None = None,
-                            named_once: torch.Tensor | None = None) -> list[list[Caption]]:
+                            named_once: torch.Tensor | None = None, max_cost: float = math.inf) -> list[list[Caption]]:
     """Beam search that must write what `constraints` name (Anderson et al., EMNLP 2017): per image a
     few constraints, each a list of token sequences of one or two words, any of which meets it ("dog",
     "puppies", "hot dog"...). Each constraint is a small automaton (not met; the first word of one of
     its phrases just written; met), and a beam set of `beam_size` is kept for every combination of
     their states, so a caption is ranked only against captions that met the same constraints. The
     beams returned are those that met all of the image's constraints, each written where the decoder
-    finds it fluent; where no caption meets them all within `max_length`, those that met the most."""
+    finds it fluent; where no caption meets them all within `max_length`, or none that scores within
+    `max_cost` of the best caption found, those that met the most of them that do."""
     b, k, device = features.size(0), beam_size, features.device
     if len(constraints) != b:
         raise ValueError(f"need one list of constraints per image: {len(constraints)} for {b} images")
@@ -323,6 +324,9 @@ def constrained_beam_search(decoder: CaptionDecoder, features: torch.Tensor, con
                                                                     length_penalty_alpha)
             if score > float("-inf") and (captions[j].ended or t + 1 == max_length):
                 finished.append((int(met_count[j // k]), captions[j]))
-        most = max((m for m, _ in finished), default=0)
+        # A constraint the decoder can only write at great cost lands badly ("a tennis player hitting a
+        # racket"): a caption that gives up more than max_cost against the best one found does not count.
+        best = max((c.score for _, c in finished), default=0.0)
+        most = max((m for m, c in finished if c.score >= best - max_cost), default=0)
         results.append(sorted((c for m, c in finished if m == most), key=lambda c: -c.score)[:k])
     return results

@@ -75,10 +75,12 @@ class DecoderConfig:
     # The objects the encoder's classifier vouches for ({object: its ImageNet classes, the words that
     # name it, and the calibration of their summed probability}; fitted after training), and at
     # beam search how probable an object must be to be required in the caption (0: never), at most
-    # `max_constraints` a caption (grounding/evidence.py).
+    # `max_constraints` a caption, and how much log-probability (nats) writing them in may cost the
+    # caption against the best one found without them (grounding/evidence.py).
     label_objects: dict = field(default_factory=dict)
     include_threshold: float = 0.0
     max_constraints: int = 2
+    include_cost: float = 6.0
     # The words of each object a caption names once (grounding/evidence.py, repeat_mask).
     named_once: list = field(default_factory=list)
 
@@ -106,6 +108,8 @@ class DecoderConfig:
             raise ValueError("include_threshold must be in [0, 1] (0: no object is required)")
         if not 0 <= self.max_constraints <= 3:
             raise ValueError("max_constraints must be 0 to 3 (beam search keeps a beam for each subset of them)")
+        if not self.include_cost > 0:
+            raise ValueError("include_cost must be positive (nats of log-probability)")
         for name, entry in self.label_objects.items():
             if not (isinstance(entry, dict) and {"classes", "words", "slope", "intercept"} <= set(entry)
                     and entry["words"] and all(1 <= len(str(w).split()) <= 2 for w in entry["words"])):
