@@ -276,7 +276,9 @@ def constrained_beam_search(decoder: CaptionDecoder, features: torch.Tensor, con
     set_ids = torch.arange(sets, device=device)
     progress = [(set_ids // base[c]) % radix[c] for c in range(count)]
     met_count = sum((p == r - 1).long() for p, r in zip(progress, radix)) if count else torch.zeros_like(set_ids)
-    full = [sum((radix[c] - 1) * base[c] for c in range(len(cs))) for cs in constraints]
+    # each image's set of beams that met all its constraints
+    full_index = torch.tensor([sum((radix[c] - 1) * base[c] for c in range(len(cs))) for cs in constraints],
+                              device=device)
     state = map_state(lambda s: s.repeat_interleave(sets * k, dim=1), decoder.start(features, **(evidence or {})))
     scores = torch.full((b, sets, k), float("-inf"), device=device)
     scores[:, 0, 0] = 0.0
@@ -310,7 +312,6 @@ def constrained_beam_search(decoder: CaptionDecoder, features: torch.Tensor, con
         ended = ended.view(b, sets, k)
         # Done when each image's full set has ended and no running beam scores above its worst:
         # scores only fall, so no beam still running can overtake them.
-        full_index = torch.tensor(full, device=device)
         full_scores = scores[rows, full_index]
         full_done = (ended[rows, full_index] | full_scores.isinf()).all(-1)
         running = scores.masked_fill(ended, float("-inf")).flatten(1).max(-1).values
