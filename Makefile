@@ -31,6 +31,6 @@ builtin-model: $(VENV)/.installed
 	$(PY) -m captioner train train/flickr8k_coco.toml
 	$(PY) -m captioner export runs/flickr8k_coco/best captioner/pretrained/flickr8k_coco --fp16 \
 		--evidence-weight 0.5 --evidence-threshold 0.5 --person-weight 8 --person-threshold 0.5 \
-		--object-weight 3 --object-threshold 0.3 --include-threshold 0.5 --include-cost 6 \
+		--object-weight 3 --object-threshold 0.3 --include-threshold 0.5 --include-cost 6 --consensus-samples 20 \
 		--calibrate ../shared/data/coco_extra --calibrate ../shared/data/flickr8k \
 		--objects ../shared/data/coco_objects/synonyms.txt --score runs/flickr8k_coco/builtin-test

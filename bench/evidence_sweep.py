@@ -4,7 +4,8 @@ splits: each dataset's images are encoded once, then captioned with every settin
     python bench/evidence_sweep.py CHECKPOINT --dataset ../shared/data/coco_extra --dataset ../shared/data/flickr8k \
         --objects ../shared/data/coco_objects/synonyms.txt [--split val] [--weights 0,0.5,1,2] [--thresholds 0.3,0.5] \
         [--person-weights 0,4] [--person-thresholds 0.3,0.5] [--object-weights 0,2] [--object-thresholds 0.3,0.5] \
-        [--include-thresholds 0,0.5] [--include-costs 4,6] [--name-once 0,1] [--grounding avoid]
+        [--include-thresholds 0,0.5] [--include-costs 4,6] [--consensus-samples 0,20] [--name-once 0,1] \
+        [--grounding avoid]
 
 Prints, per dataset and setting: BLEU-4, CIDEr, CHAIRs, CHAIRi, object recall, distinct words,
 distinct captions, captions cut mid-phrase, and how many photos no reference puts a person in get a
@@ -13,7 +14,8 @@ penalty too, for a checkpoint with a person detector (the recipe's person_detect
 --person-thresholds its threshold), --object-weights / --object-thresholds the object detectors'
 (object_detector_photos), and --include-thresholds how surely an object the classifier vouches for
 must be there to be required (`captioner export --calibrate`; 0: none is), --include-costs at most
-how many nats writing it in may cost the caption, --name-once whether a
+how many nats writing it in may cost the caption, --consensus-samples how many of the decoder's
+samples re-rank the beams (0: none), --name-once whether a
 caption names an object once (`captioner export --objects`); what is not swept keeps the
 checkpoint's setting. --grounding off / avoid / full (default) as `captioner eval` takes it.
 """
@@ -63,6 +65,8 @@ def main() -> int:
     parser.add_argument("--object-thresholds", type=floats, default=None, help="default: the checkpoint's")
     parser.add_argument("--include-thresholds", type=floats, default=None, help="default: the checkpoint's")
     parser.add_argument("--include-costs", type=floats, default=None, help="default: the checkpoint's")
+    parser.add_argument("--consensus-samples", type=lambda text: [int(x) for x in text.split(",")], default=None,
+                        help="default: the checkpoint's")
     parser.add_argument("--name-once", type=lambda text: [bool(int(x)) for x in text.split(",")], default=None,
                         help="0 / 1; default: as --grounding has it")
     parser.add_argument("--grounding", choices=("off", "avoid", "full"), default="full")
@@ -83,8 +87,9 @@ def main() -> int:
             "object_threshold": args.object_thresholds or [config.object_threshold],
             "include_threshold": args.include_thresholds or [config.include_threshold],
             "include_cost": args.include_costs or [config.include_cost],
+            "consensus_samples": args.consensus_samples or [config.consensus_samples],
             "name_once": args.name_once or [None]}
-    print("dataset | weight | threshold | person weight / threshold | object weight / threshold | include / cost | once | "
+    print("dataset | weight | threshold | person weight / threshold | object weight / threshold | include / cost | consensus | once | "
           "BLEU-4 | CIDEr | CHAIRs | CHAIRi | recall | words | captions | cut | person invented")
     for dataset in args.dataset:
         records = load_dataset(dataset).split(args.split)
@@ -101,7 +106,7 @@ def main() -> int:
                     ended.append(best.ended)
             predictions = {str(r.image): t for r, t in zip(records, texts)}
             print(f"{Path(dataset).name} | {values[0]} | {values[1]} | {values[2]} / {values[3]} | "
-                  f"{values[4]} / {values[5]} | {values[6]} / {values[7]} | {values[8]} | "
+                  f"{values[4]} / {values[5]} | {values[6]} / {values[7]} | {values[8]} | {values[9]} | "
                   f"{score_cells(predictions, references, ended, table)}", flush=True)
     return 0
 

@@ -28,8 +28,10 @@ DECODING_DEFAULTS = {
     "max_constraints": "beam search with --grounding full: the most objects required in one caption",
     "include_cost": "beam search with --grounding full: the most log-probability (nats) the required objects may "
                     "cost the caption against the best one found without them",
+    "consensus_samples": "beam search: re-rank the beams by their agreement with this many of the decoder's own "
+                         "samples (0: off)",
 }
-INTEGER_SETTINGS = {"max_constraints"}
+INTEGER_SETTINGS = {"max_constraints", "consensus_samples"}
 
 EXIT_OK, EXIT_USAGE, EXIT_SOME_FAILED = 0, 1, 2
 

@@ -14,14 +14,15 @@ import torch
 from .data.images import MAX_IMAGE_PIXELS, ImageError, ImageInput, ImageTransform, describe
 from .data.loading import image_batches
 from .data.vocab import Vocabulary
-from .grounding.evidence import GROUNDING, object_word_groups, required_objects
+from .grounding.evidence import GROUNDING, object_word_groups, required_objects, word_objects
 from .grounding.labels import Label, imagenet_classes, top_labels
 from .grounding.naming import name_animal, recognised_animals
 from .inference import decoding
+from .inference.consensus import consensus_order
 from .inference.engines import build_engine, resolve_backend
 from .model import hub
 from .model.checkpoint import load_checkpoint, save_checkpoint
-from .model.decoder import CaptionDecoder, set_step
+from .model.decoder import MAX_CONSENSUS_SAMPLES, CaptionDecoder, set_step
 from .model.encoders import Encoder
 from .model.runtime import autocast_dtype
 
@@ -29,12 +30,12 @@ PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 BUILTIN = "flickr8k_coco"
 METHODS = ("greedy", "sample", "beam")
 # The options of `Captioner.decode` that each method reads; every method also reads `grounding` and
-# the expert grounding settings (None: the checkpoint's own).
+# the expert settings (None: the checkpoint's own).
 METHOD_OPTIONS = {"greedy": ("max_length",),
                   "sample": ("temperature", "top_k", "top_p", "num_samples", "max_length"),
                   "beam": ("beam_size", "length_penalty", "no_repeat_ngram_size", "max_length")}
-GROUNDING_OPTIONS = ("evidence_weight", "evidence_threshold", "person_weight", "person_threshold", "object_weight",
-                     "object_threshold", "include_threshold", "max_constraints", "include_cost")
+EXPERT_OPTIONS = ("evidence_weight", "evidence_threshold", "person_weight", "person_threshold", "object_weight",
+                  "object_threshold", "include_threshold", "max_constraints", "include_cost", "consensus_samples")
 
 
 @dataclass
@@ -148,7 +149,8 @@ class Captioner:
                evidence_threshold: float | None = None, person_weight: float | None = None,
                person_threshold: float | None = None, object_weight: float | None = None,
                object_threshold: float | None = None, include_threshold: float | None = None, max_constraints: int | None = None,
-               include_cost: float | None = None, name_animals: bool | None = None, name_once: bool | None = None) -> list[list[GeneratedCaption]]:
+               include_cost: float | None = None, consensus_samples: int | None = None, name_animals: bool | None = None,
+               name_once: bool | None = None) -> list[list[GeneratedCaption]]:
         """`grounding`: "off" decodes the words as the decoder ranks them; "avoid" lowers the words
         the image does not support, names an object once (the checkpoint's `named_once`) and names
         the animal the encoder's classifier is sure of; "full"
@@ -157,7 +159,9 @@ class Captioner:
         tune them: `evidence_weight`/`evidence_threshold` the concept penalty, `person_weight`/
         `person_threshold` the person detector's, `object_weight`/`object_threshold` the object detectors',
         `include_threshold`/`max_constraints` what is required and `include_cost` the most it may cost
-        a caption (nats), `name_animals` the renaming, `name_once` naming an object once."""
+        a caption (nats), `name_animals` the renaming, `name_once` naming an object once;
+        `consensus_samples` re-ranks beam search's beams by their agreement with that many of the
+        decoder's own samples (inference/consensus.py; 0: off), the winner first."""
         if grounding not in GROUNDING:
             raise ValueError(f"grounding must be one of {', '.join(GROUNDING)}, not {grounding!r}")
         c = self.decoder.config
@@ -182,12 +186,13 @@ class Captioner:
         named_once = object_word_groups(self.vocab, c.named_once) if name_once else None
         if named_once is not None:
             named_once = named_once.to(features.device)
+        # each image's required objects, each as the token lists of its words
+        constraints = [[[[self.vocab.stoi[w] for w in phrase.split()] for phrase in c.label_objects[obj]["words"]]
+                        for obj in objects] for objects in required]
         if method == "greedy":
             raw = decoding.greedy(self.decoder, features, max_length=max_length, evidence=evidence,
                                   named_once=named_once)
         elif method == "beam" and any(required):
-            constraints = [[[[self.vocab.stoi[w] for w in phrase.split()] for phrase in c.label_objects[obj]["words"]]
-                            for obj in objects] for objects in required]
             raw = decoding.constrained_beam_search(self.decoder, features, constraints, beam_size=beam_size,
                                                    length_penalty_alpha=length_penalty, max_length=max_length,
                                                    no_repeat_ngram_size=no_repeat_ngram_size, evidence=evidence,
@@ -203,6 +208,9 @@ class Captioner:
                                   named_once=named_once)
         else:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
+        consensus_samples = c.consensus_samples if consensus_samples is None else consensus_samples
+        if method == "beam" and consensus_samples:
+            raw = self._by_consensus(raw, constraints, features, consensus_samples, max_length, evidence, named_once)
         animals = [None] * len(raw)
         if name_animals and probs is not None:
             probs = probs.cpu()
@@ -210,6 +218,27 @@ class Captioner:
         label_probs = probs if name_animals and probs is not None else [None] * len(raw)
         return [[self._to_text(c, p, a, r) for c in per_image]
                 for per_image, p, a, r in zip(raw, label_probs, animals, required)]
+
+    def _by_consensus(self, beams: list[list[decoding.Caption]], constraints: list, features: torch.Tensor,
+                      samples: int, max_length: int, evidence: dict,
+                      named_once: torch.Tensor | None) -> list[list[decoding.Caption]]:
+        """Each image's beams re-ranked by consensus with `samples` of its own (every image draws them
+        with seed 0, so a caption depends on neither its batch nor its place in it). The objects a
+        beam names: the words of word_objects, and the required objects it writes (`constraints`)."""
+        if not 0 <= samples <= MAX_CONSENSUS_SAMPLES:
+            raise ValueError(f"consensus_samples must be 0 (off) to {MAX_CONSENSUS_SAMPLES}, not {samples}")
+        drawn = decoding.sample(self.decoder, features, seeds=[0] * features.size(0), num_samples=samples,
+                                max_length=max_length, evidence=evidence, named_once=named_once)
+        objects = word_objects(self.vocab, self.decoder.config.named_once, self.decoder.person_words)
+        ranked = []
+        for per_image, own, required in zip(beams, drawn, constraints):
+            def named(tokens, required=required):
+                written = {k for k, phrases in enumerate(required) if any(_contains(tokens, p) for p in phrases)}
+                return {objects[t] for t in tokens if t in objects} | written
+
+            order = consensus_order([b.tokens for b in per_image], [s.tokens for s in own], named)
+            ranked.append([per_image[i] for i in order])
+        return ranked
 
     def _to_text(self, caption: decoding.Caption, label_probs: torch.Tensor | None,
                  animal: tuple[str, float] | None, required: list[str]) -> GeneratedCaption:
@@ -341,6 +370,11 @@ class Captioner:
                     self._caption_batch(torch.cat(features), good, results, method, seeds, options, labels)
                 yield from (results[i] for i in sorted(results))
                 results, features, good = {}, [], []
+
+
+def _contains(tokens: list[int], phrase: list[int]) -> bool:
+    n = len(phrase)
+    return any(tokens[i:i + n] == phrase for i in range(len(tokens) - n + 1))
 
 
 def _is_single(images) -> bool:

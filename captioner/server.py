@@ -31,7 +31,8 @@ from starlette.formparsers import MultiPartException
 from . import __version__
 from .data.images import ImageError, describe
 from .model.checkpoint import test_reports
-from .pipeline import GROUNDING_OPTIONS, METHOD_OPTIONS, Captioner, ImageResult
+from .model.decoder import MAX_CONSENSUS_SAMPLES
+from .pipeline import EXPERT_OPTIONS, METHOD_OPTIONS, Captioner, ImageResult
 
 MAX_UPLOAD_MB = 25  # an image, as the web UI allows
 MAX_IMAGES = 32  # a request
@@ -71,11 +72,13 @@ class CaptionOptions(BaseModel):
     include_threshold: float | None = Field(None, ge=0.0, le=1.0)
     max_constraints: int | None = Field(None, ge=0, le=3)
     include_cost: float | None = Field(None, gt=0.0)
+    consensus_samples: int | None = Field(None, ge=0, le=MAX_CONSENSUS_SAMPLES,
+                                          description="beam search: re-rank by agreement with this many samples; 0: off")
 
     def decoding(self) -> dict:
         """What `Captioner.decode` reads for this method; the settings it ignores do not split batches."""
-        grounding = {k: getattr(self, k) for k in GROUNDING_OPTIONS if getattr(self, k) is not None}
-        return {**{k: getattr(self, k) for k in METHOD_OPTIONS[self.method]}, **grounding,
+        expert = {k: getattr(self, k) for k in EXPERT_OPTIONS if getattr(self, k) is not None}
+        return {**{k: getattr(self, k) for k in METHOD_OPTIONS[self.method]}, **expert,
                 "grounding": self.grounding, "name_animals": self.name_animals}
 
 
@@ -266,7 +269,7 @@ def model_info(captioner: Captioner, name: str, batching: dict) -> dict:
         "encoder": {k: config.get("encoder", {}).get(k) for k in ("name", "weights", "feature_dim")},
         "decoder": {k: decoder.get(k) for k in ("num_layers", "hidden_dim", "embed_dim", "image_feed", "members")},
         "vocabulary": config.get("vocab_size"),
-        "defaults": {k: decoder.get(k) for k in GROUNDING_OPTIONS},
+        "defaults": {k: decoder.get(k) for k in EXPERT_OPTIONS},
         "test": test_reports(config.get("training")),
         "device": str(captioner.device), "backend": captioner.backend,
         "batching": batching,

@@ -37,8 +37,9 @@ from __future__ import annotations
 
 import torch
 
+from ..data.vocab import plural
 from .detectors import CALIBRATION_FLOOR, object_classes
-from .naming import ANIMAL_CLASSES, PRESENT
+from .naming import ANIMAL_CLASSES, PRESENT, animal_names
 
 # What the image's evidence does to a caption: nothing; keeps out the words it does not support (and
 # names the animal the classifier recognises); or also brings in, in beam search, the objects it
@@ -96,6 +97,18 @@ def object_word_groups(vocab, named_once: list[list[str]]) -> torch.Tensor | Non
     for index, words in enumerate(named_once):
         groups[[vocab.stoi[w] for w in words if w in vocab.stoi]] = index
     return groups
+
+
+def word_objects(vocab, named_once: list[list[str]], person_words: torch.Tensor | None) -> dict[int, str]:
+    """Each vocabulary id that names an object -> that object: the groups of `named_once`, the words
+    that name a person (a decoder's `person_words`; None where it has no person detector) and the
+    animal names (naming.py) and their plurals."""
+    objects = {vocab.stoi[w]: f"object {i}" for i, words in enumerate(named_once) for w in words if w in vocab.stoi}
+    objects.update({vocab.stoi[form]: f"animal {w}" for w in animal_names()[0] for form in (w, plural(w))
+                    if form in vocab.stoi})
+    if person_words is not None:
+        objects.update({i: "person" for i in person_words.nonzero().flatten().tolist()})
+    return objects
 
 
 def repeat_mask(word_groups: torch.Tensor, history: torch.Tensor) -> torch.Tensor:

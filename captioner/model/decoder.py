@@ -34,6 +34,7 @@ CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 # it the product is bound by compute, and beam search would reorder 4H gates a row instead of h
 # (23 % slower at 768 rows; bench/README.md).
 STACKED_MAX_ROWS = 64
+MAX_CONSENSUS_SAMPLES = 64
 
 
 @dataclass
@@ -83,6 +84,9 @@ class DecoderConfig:
     include_cost: float = 6.0
     # The words of each object a caption names once (grounding/evidence.py, repeat_mask).
     named_once: list = field(default_factory=list)
+    # Beam search re-ranks its beams by their agreement with this many of the decoder's own samples
+    # (inference/consensus.py; 0: off).
+    consensus_samples: int = 0
 
     def __post_init__(self):
         if self.cell not in CELLS:
@@ -110,6 +114,8 @@ class DecoderConfig:
             raise ValueError("max_constraints must be 0 to 3 (beam search keeps a beam for each subset of them)")
         if not self.include_cost > 0:
             raise ValueError("include_cost must be positive (nats of log-probability)")
+        if not 0 <= self.consensus_samples <= MAX_CONSENSUS_SAMPLES:
+            raise ValueError(f"consensus_samples must be 0 (off) to {MAX_CONSENSUS_SAMPLES}")
         for name, entry in self.label_objects.items():
             if not (isinstance(entry, dict) and {"classes", "words", "slope", "intercept"} <= set(entry)
                     and entry["words"] and all(1 <= len(str(w).split()) <= 2 for w in entry["words"])):
