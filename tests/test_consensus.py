@@ -11,7 +11,7 @@ from captioner import Captioner
 from captioner.cli import main as cli
 from captioner.data.vocab import Vocabulary
 from captioner.grounding.evidence import word_objects
-from captioner.inference.consensus import consensus_order, similarity
+from captioner.inference.consensus import consensus_order, repeats, similarity
 from captioner.inference.decoding import beam_search, sample
 
 from conftest import overfit_decoder
@@ -43,6 +43,16 @@ def test_only_a_beam_that_names_the_same_objects_as_the_best_beam_can_win():
     assert consensus_order([top, agreed], samples, objects) == [0, 1]
     assert consensus_order([[20, *top], agreed], samples, objects) == [1, 0]  # the best beam names it too
     assert consensus_order([[20, *top], [10, 11, 12, 13]], [[10, 11, 12, 13]] * 3, objects) == [0, 1]  # or drops it
+
+
+def test_a_beam_that_repeats_words_more_than_the_best_beam_cannot_win():
+    top, looping = [20, 21, 22, 23], [20, 21, 22, 23, 21, 22]  # "... food with plates of food"
+    samples = [looping] * 3
+    assert consensus_order([top, looping], samples, no_objects) == [0, 1]
+    assert repeats(looping) == 2 and repeats(top) == 0
+    assert repeats([4, 30, 4, 6, 6]) == 0  # the most frequent words ("a", "the") repeat freely
+    assert consensus_order([[*top, 21], looping], samples, no_objects) == [0, 1]
+    assert consensus_order([[*top, 22, 21], looping], samples, no_objects) == [1, 0]  # the best beam loops as much
 
 
 def test_closeness_weighs_rare_words_and_length():

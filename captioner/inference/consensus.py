@@ -14,7 +14,9 @@ as a word's frequency falls roughly as one over its rank (Zipf), that stands in 
 inverse document frequency without shipping a table built from the training captions.
 
 A beam wins only if it names the same objects as the best-scored beam: samples imagine objects
-freely, and which objects a caption names is grounding's decision (grounding/evidence.py), not a vote."""
+freely, and which objects a caption names is grounding's decision (grounding/evidence.py), not a vote.
+Nor may it repeat words more often, the vocabulary's most frequent few ("a", "the", "on") aside:
+clipped n-gram counts do not stop "a plate of food with plates of food" from agreeing with many."""
 
 from __future__ import annotations
 
@@ -22,8 +24,17 @@ import math
 from collections import Counter
 from typing import Callable, Sequence
 
+from ..data.vocab import SPECIALS
+
 MAX_N = 4
 LENGTH_SIGMA = 6.0  # CIDEr-D's
+FREQUENT_WORDS = 8  # ids after the special tokens: function words a caption repeats freely ("a", "the")
+
+
+def repeats(tokens: Sequence[int]) -> int:
+    """How many of a caption's words repeat one before them, the most frequent words aside."""
+    content = [t for t in tokens if t >= len(SPECIALS) + FREQUENT_WORDS]
+    return len(content) - len(set(content))
 
 
 def _vectors(tokens: Sequence[int]) -> list[tuple[dict, float]]:
@@ -54,14 +65,14 @@ def consensus_order(beams: Sequence[Sequence[int]], samples: Sequence[Sequence[i
     """Beams (best-scored first) and samples as token lists; `objects(tokens)`: the objects a caption
     names. -> the beams' indices, the consensus winner first, then the others in beam order. A beam
     is scored by its mean closeness to every other caption, beams and samples; ties go to the
-    better-scored beam."""
+    better-scored beam. Only beams that name the best beam's objects and repeat no more words compete."""
     if len(beams) < 2:
         return list(range(len(beams)))
     vectors = [(_vectors(t), len(t)) for t in [*beams, *samples]]
-    named = objects(beams[0])
+    named, repeated = objects(beams[0]), repeats(beams[0])
     best, best_score = 0, -1.0
     for i, tokens in enumerate(beams):
-        if i and objects(tokens) != named:
+        if i and (objects(tokens) != named or repeats(tokens) > repeated):
             continue
         score = sum(_similarity(*vectors[i], *other) for j, other in enumerate(vectors) if j != i) / (len(vectors) - 1)
         if score > best_score:
