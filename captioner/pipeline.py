@@ -186,13 +186,12 @@ class Captioner:
         named_once = object_word_groups(self.vocab, c.named_once) if name_once else None
         if named_once is not None:
             named_once = named_once.to(features.device)
-        # each image's required objects, each as the token lists of its words
-        constraints = [[[[self.vocab.stoi[w] for w in phrase.split()] for phrase in c.label_objects[obj]["words"]]
-                        for obj in objects] for objects in required]
         if method == "greedy":
             raw = decoding.greedy(self.decoder, features, max_length=max_length, evidence=evidence,
                                   named_once=named_once)
         elif method == "beam" and any(required):
+            constraints = [[[[self.vocab.stoi[w] for w in phrase.split()] for phrase in c.label_objects[obj]["words"]]
+                            for obj in objects] for objects in required]
             raw = decoding.constrained_beam_search(self.decoder, features, constraints, beam_size=beam_size,
                                                    length_penalty_alpha=length_penalty, max_length=max_length,
                                                    no_repeat_ngram_size=no_repeat_ngram_size, evidence=evidence,
@@ -210,7 +209,7 @@ class Captioner:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
         consensus_samples = c.consensus_samples if consensus_samples is None else consensus_samples
         if method == "beam" and consensus_samples:
-            raw = self._by_consensus(raw, constraints, features, consensus_samples, max_length, evidence, named_once)
+            raw = self._by_consensus(raw, required, features, consensus_samples, max_length, evidence, named_once)
         animals = [None] * len(raw)
         if name_animals and probs is not None:
             probs = probs.cpu()
@@ -219,22 +218,24 @@ class Captioner:
         return [[self._to_text(c, p, a, r) for c in per_image]
                 for per_image, p, a, r in zip(raw, label_probs, animals, required)]
 
-    def _by_consensus(self, beams: list[list[decoding.Caption]], constraints: list, features: torch.Tensor,
+    def _by_consensus(self, beams: list[list[decoding.Caption]], required: list[list[str]], features: torch.Tensor,
                       samples: int, max_length: int, evidence: dict,
                       named_once: torch.Tensor | None) -> list[list[decoding.Caption]]:
         """Each image's beams re-ranked by consensus with `samples` of its own (every image draws them
         with seed 0, so a caption depends on neither its batch nor its place in it). The objects a
-        beam names: the words of word_objects, and the required objects it writes (`constraints`)."""
+        beam names: the words of word_objects, and the `required` objects it writes."""
         if not 0 <= samples <= MAX_CONSENSUS_SAMPLES:
             raise ValueError(f"consensus_samples must be 0 (off) to {MAX_CONSENSUS_SAMPLES}, not {samples}")
         drawn = decoding.sample(self.decoder, features, seeds=[0] * features.size(0), num_samples=samples,
                                 max_length=max_length, evidence=evidence, named_once=named_once)
-        objects = word_objects(self.vocab, self.decoder.config.named_once, self.decoder.person_words)
+        config = self.decoder.config
+        objects = word_objects(self.vocab, config.named_once, self.decoder.person_words)
         ranked = []
-        for per_image, own, required in zip(beams, drawn, constraints):
-            def named(tokens, required=required):
-                written = {k for k, phrases in enumerate(required) if any(_contains(tokens, p) for p in phrases)}
-                return {objects[t] for t in tokens if t in objects} | written
+        for per_image, own, image_required in zip(beams, drawn, required):
+            def named(tokens, image_required=image_required):
+                words = self.vocab.words(tokens)
+                return ({objects[t] for t in tokens if t in objects}
+                        | {obj for obj in image_required if _writes(words, config.label_objects[obj]["words"])})
 
             order = consensus_order([b.tokens for b in per_image], [s.tokens for s in own], named)
             ranked.append([per_image[i] for i in order])
@@ -246,8 +247,7 @@ class Captioner:
         if label_probs is not None:
             words, renamed = name_animal(words, label_probs, animal)
         words, text = self.vocab.sentence(words)
-        met = [obj for obj in required
-               if any(f" {phrase} " in f" {' '.join(words)} " for phrase in self.decoder.config.label_objects[obj]["words"])]
+        met = [obj for obj in required if _writes(words, self.decoder.config.label_objects[obj]["words"])]
         return GeneratedCaption(text, words, caption.logprob, caption.token_logprobs, caption.ended,
                                 caption.score, renamed, met)
 
@@ -372,9 +372,10 @@ class Captioner:
                 results, features, good = {}, [], []
 
 
-def _contains(tokens: list[int], phrase: list[int]) -> bool:
-    n = len(phrase)
-    return any(tokens[i:i + n] == phrase for i in range(len(tokens) - n + 1))
+def _writes(words: Sequence[str], phrases: Iterable[str]) -> bool:
+    """Whether a caption's words write any of `phrases` (one or two words each)."""
+    text = f" {' '.join(words)} "
+    return any(f" {phrase} " in text for phrase in phrases)
 
 
 def _is_single(images) -> bool:

@@ -6,6 +6,7 @@ import shutil
 
 import httpx
 import pytest
+import torch
 
 from captioner import Captioner
 from captioner.cli import main as cli
@@ -73,8 +74,6 @@ def test_the_objects_a_word_names():
     assert objects[ids["bike"]] == objects[ids["bicycle"]] != objects[ids["dog"]]
     assert objects[ids["dog"]] == objects[ids["dogs"]]  # a plural names its singular's animal
     assert ids["man"] not in objects and ids["red"] not in objects
-    import torch
-
     person = torch.zeros(len(vocab))
     person[ids["man"]] = 1
     assert word_objects(vocab, [], person)[ids["man"]] == "person"
