@@ -215,6 +215,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
             raise ValueError(f"{setting} needs objects: the CHAIR table of objects and their words")
         object_table = ObjectTable.load(config.objects)  # a bad table fails now, not after the decoder trained
     rank, processes = world()
+    started_group = processes > 1 and not dist.is_initialized()  # and so this run ends it
     device = setup_device(config)
     out = Path(config.output)
     if rank == 0:
@@ -364,6 +365,12 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
         add_detectors(config, best_dir, train_records, train_features, val_records, val_features, object_table)
     if dist.is_initialized():
         dist.barrier()
+    if started_group:
+        # DDP holds the process group: with it gone, destroying the group joins gloo's threads now.
+        # Left to the interpreter's exit, a gloo thread still freeing a collective's tensors needs
+        # the GIL, and Python ends it mid-C++ ("terminate called without an active exception").
+        del model
+        dist.destroy_process_group()
     return best_dir
 
 
