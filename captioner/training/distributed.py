@@ -16,14 +16,16 @@ def world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def setup_device(config: TrainConfig) -> torch.device:
+def setup_device(config: TrainConfig) -> tuple[torch.device, bool]:
+    """-> (this process's device, whether this call started the process group: then the caller ends it)."""
     _, processes = world()
     wants_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
-    if processes > 1 and not dist.is_initialized():
+    started = processes > 1 and not dist.is_initialized()
+    if started:
         dist.init_process_group("nccl" if wants_cuda else "gloo")
     if wants_cuda:
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))), started
+    return torch.device("cpu"), started
 
 
 def barrier() -> None:

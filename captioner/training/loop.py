@@ -215,8 +215,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
             raise ValueError(f"{setting} needs objects: the CHAIR table of objects and their words")
         object_table = ObjectTable.load(config.objects)  # a bad table fails now, not after the decoder trained
     rank, processes = world()
-    started_group = processes > 1 and not dist.is_initialized()  # and so this run ends it
-    device = setup_device(config)
+    device, started_group = setup_device(config)
     out = Path(config.output)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -363,8 +362,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
                       dataset_indices(train_records), repeats)
     if rank == 0 and (config.person_detector_from or config.object_detector_photos):
         add_detectors(config, best_dir, train_records, train_features, val_records, val_features, object_table)
-    if dist.is_initialized():
-        dist.barrier()
+    barrier()
     if started_group:
         # DDP holds the process group: with it gone, destroying the group joins gloo's threads now.
         # Left to the interpreter's exit, a gloo thread still freeing a collective's tensors needs
