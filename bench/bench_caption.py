@@ -97,7 +97,7 @@ def measure(cap, paths, args) -> dict:
     greedy_s = pipeline("greedy")
     beam_s = pipeline("beam", beam_size=3)
     beam_free_s = pipeline("beam", beam_size=3, name_once=False)  # what naming an object once costs
-    beam_ranked_s = pipeline("beam", beam_size=3, consensus_samples=0)  # what consensus re-ranking costs
+    beam_unranked_s = pipeline("beam", beam_size=3, consensus_samples=0)  # what consensus re-ranking costs
 
     # (c) the tutorial loop, one image at a time: the same weights in PyTorch's default (NCHW)
     # memory format and fp32, as a model built the usual way has them
@@ -127,7 +127,7 @@ def measure(cap, paths, args) -> dict:
             "beam_p95": statistics.quantiles(latencies["beam"], n=20)[-1], "token_ms": decode_ms_per_token(cap, features),
             "read_ms": weight_read_ms(cap.decoder.members[0] if hasattr(cap.decoder, "members") else cap.decoder),
             "beam_over_greedy": beam_s / greedy_s, "b_beam3_free": n / beam_free_s,
-            "b_beam3_unranked": n / beam_ranked_s}
+            "b_beam3_unranked": n / beam_unranked_s}
 
 
 def report(name: str, r: dict) -> None:
